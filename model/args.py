@@ -58,7 +58,11 @@ class ModelArgs:
             value = getattr(self, f.name)
             if value is None:
                 continue
-            out[f.name] = {"num_experts": value.num_experts, "num_experts_per_tok": value.num_experts_per_tok} if f.name == "moe" else value
+            out[f.name] = (
+                {"num_experts": value.num_experts, "num_experts_per_tok": value.num_experts_per_tok}
+                if f.name == "moe"
+                else value
+            )
         return out
 
     @classmethod

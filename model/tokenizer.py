@@ -31,9 +31,7 @@ def find_tokenizer_file(model_dir: str | Path) -> Path:
     for name in TOKENIZER_FILE_NAMES:
         if (model_dir / name).is_file():
             return model_dir / name
-    others = sorted(
-        (p for p in model_dir.glob("tokenizer.model.v*") if p.is_file()), key=_version_key, reverse=True
-    )
+    others = sorted((p for p in model_dir.glob("tokenizer.model.v*") if p.is_file()), key=_version_key, reverse=True)
     if others:
         return others[0]
     expected = f"{', '.join(TOKENIZER_FILE_NAMES)} or tokenizer.model.v*"

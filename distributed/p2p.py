@@ -1,0 +1,94 @@
+"""Point-to-point messages between neighbour stages, and the token messages back to stage 0.
+
+Every send is an isend whose handle is kept (with its tensor) until it completes; nobody ever
+relies on a blocking send being buffered. Every receive is an irecv waited on under the process
+group's timeout, so a dead or wedged peer turns into a PeerLost error, never a hang.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+import torch.distributed as dist
+
+HEADER_LEN = 8
+
+
+class Kind(IntEnum):
+    STOP = 0  # no more requests: every rank leaves its serve loop
+    BEGIN = 1  # a request starts: batch size, micro-batches, cache capacity, sampling params
+    UNIT = 2  # one (micro-batch, chunk or decode step) of activations
+    END = 3  # the request is finished: caches can go
+    KEEPALIVE = 4  # rank 0 is waiting for the user; keeps the others inside their timeout
+
+
+class PeerLost(RuntimeError):
+    """A neighbour stage died, hung past the timeout, or closed its connection."""
+
+
+class Links:
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.last = world_size - 1
+        self._pending: list[tuple[dist.Work, torch.Tensor, int, str]] = []
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _wait(self, work: dist.Work, peer: int, what: str) -> None:
+        try:
+            work.wait()
+        except Exception as e:  # gloo/NCCL raise RuntimeError subclasses with long messages
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PeerLost(
+                f"rank {self.rank} lost contact with rank {peer} (stage {peer}) while {what}: {first}"
+            ) from e
+
+    def _isend(self, t: torch.Tensor, dst: int, what: str) -> None:
+        t = t.contiguous()
+        work = dist.isend(t, dst)
+        assert work is not None
+        self._pending.append((work, t, dst, what))
+        self._reap()
+
+    def _reap(self) -> None:
+        still = []
+        for work, t, peer, what in self._pending:
+            if work.is_completed():
+                self._wait(work, peer, what)  # surfaces a failed send
+            else:
+                still.append((work, t, peer, what))
+        self._pending = still
+
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, what: str) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        work = dist.irecv(t, src)
+        assert work is not None
+        self._wait(work, src, what)
+        return t
+
+    def flush(self) -> None:
+        """Wait for every send still in flight."""
+        for work, _, peer, what in self._pending:
+            self._wait(work, peer, what)
+        self._pending = []
+
+    # -- the messages -------------------------------------------------------------------------
+    def send_header(self, fields: list[int]) -> None:
+        h = torch.zeros(HEADER_LEN, dtype=torch.long)
+        h[: len(fields)] = torch.tensor(fields, dtype=torch.long)
+        self._isend(h.to(self.device), self.rank + 1, "sending a header")
+
+    def recv_header(self) -> list[int]:
+        return self._recv((HEADER_LEN,), torch.long, self.rank - 1, "waiting for the next message").tolist()
+
+    def send_tensor(self, t: torch.Tensor) -> None:
+        self._isend(t, self.rank + 1, f"sending {tuple(t.shape)} activations")
+
+    def recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return self._recv(shape, dtype, self.rank - 1, f"receiving {shape} activations")
+
+    def send_tokens(self, tokens_done: torch.Tensor) -> None:
+        self._isend(tokens_done, 0, "sending sampled tokens to stage 0")
+
+    def recv_tokens(self, batch: int) -> torch.Tensor:
+        return self._recv((2, batch), torch.long, self.last, "waiting for sampled tokens")

@@ -1,0 +1,194 @@
+"""What each command does on rank 0; the other ranks only serve the pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+
+from distributed.pipeline import Pipeline
+from launch.options import GenerateOptions, InteractiveOptions, RunOptions
+from launch.runtime import Runtime, log
+from model.args import ConfigError
+from model.tokenizer import StreamDecoder, Tokenizer
+
+DEMO_PROMPTS = [
+    "This is a test",
+    "This is another great test",
+    "This is a third test, mistral AI is very good at testing. ",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+]
+
+
+def read_jsonl(path: Path, tok: Tokenizer, instruct: bool) -> list[list[int]]:
+    """Validate the whole file before anything runs; one-line errors name the line."""
+    if not path.is_file():
+        raise ConfigError(f"--input {path} does not exist")
+    prompts: list[list[int]] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{where} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("tokens" in obj):
+            raise ConfigError(f'{where} needs exactly one of "prompt" (text) or "tokens" (list of ids)')
+        if "prompt" in obj:
+            if not isinstance(obj["prompt"], str) or not obj["prompt"]:
+                raise ConfigError(f'{where}: "prompt" must be a non-empty string')
+            prompts.append(tok.encode(tok.instruct(obj["prompt"]) if instruct else obj["prompt"]))
+        else:
+            ids = obj["tokens"]
+            if (
+                not isinstance(ids, list)
+                or not ids
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+            ):
+                raise ConfigError(f'{where}: "tokens" must be a non-empty list of integer ids')
+            bad = [t for t in ids if not 0 <= t < tok.n_words]
+            if bad:
+                raise ConfigError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {tok.n_words})")
+            prompts.append(ids)
+    return prompts
+
+
+def check_vocab(tok: Tokenizer, pipeline: Pipeline) -> None:
+    vocab = pipeline.stage.model.args.vocab_size
+    if tok.n_words > vocab:
+        raise ConfigError(f"the tokenizer has {tok.n_words} pieces but params.json's vocab_size is {vocab}")
+
+
+class Command:
+    """prepare() runs on every rank before the error agreement; run() only on rank 0."""
+
+    def __init__(self, rt: Runtime, model_dir: Path) -> None:
+        self.rt, self.model_dir = rt, model_dir
+        self.tok: Tokenizer | None = None
+
+    def prepare(self) -> Pipeline:
+        if self.rt.rank == 0:
+            self.tok = Tokenizer.from_dir(self.model_dir)
+        pipeline = self.rt.load(self.model_dir)
+        if self.tok is not None:
+            check_vocab(self.tok, pipeline)
+        return pipeline
+
+    def run(self, pipeline: Pipeline) -> None:
+        raise NotImplementedError
+
+
+class Demo(Command):
+    def run(self, pipeline: Pipeline) -> None:
+        assert self.tok is not None
+        tok, params = self.tok, self.rt.generation_params()
+        prompts = [tok.encode(p) for p in DEMO_PROMPTS]
+        first: list[float] = []
+        t0 = time.perf_counter()
+        out = pipeline.generate(
+            prompts, params, on_token=lambda b, t: first.append(time.perf_counter()) if not first else None
+        )
+        elapsed = time.perf_counter() - t0
+        for text, ids in zip(DEMO_PROMPTS, out, strict=True):
+            print(f"{text!r} -> {tok.decode(ids)!r}")
+        n = sum(len(x) for x in out)
+        ttft = (first[0] - t0) if first else elapsed
+        print(
+            f"\n{len(prompts)} prompts, {sum(len(p) for p in prompts)} prompt tokens, {n} generated tokens in "
+            f"{elapsed:.2f} s: first token after {ttft * 1e3:.0f} ms, "
+            f"{n / max(elapsed - ttft, 1e-9):.1f} tokens/s after it ({self.rt.n_stages} stage(s))"
+        )
+
+
+class Generate(Command):
+    def __init__(self, rt: Runtime, model_dir: Path, opts: GenerateOptions) -> None:
+        super().__init__(rt, model_dir)
+        self.opts = opts
+        self.prompts: list[list[int]] = []
+
+    def prepare(self) -> Pipeline:
+        if self.opts.batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1, got {self.opts.batch_size}")
+        pipeline = super().prepare()
+        if self.rt.rank == 0:
+            assert self.tok is not None
+            self.prompts = read_jsonl(Path(self.opts.input), self.tok, self.opts.instruct)
+            out = Path(self.opts.output)
+            if not out.parent.is_dir():
+                raise ConfigError(f"--output {out}: directory {out.parent} does not exist")
+        return pipeline
+
+    def run(self, pipeline: Pipeline) -> None:
+        assert self.tok is not None
+        params, bs = self.rt.generation_params(), self.opts.batch_size
+        out = Path(self.opts.output)
+        tmp = out.with_name(out.name + ".partial")
+        t0, n = time.perf_counter(), 0
+        with open(tmp, "w") as f:
+            for i in range(0, len(self.prompts), bs):
+                for ids in pipeline.generate(self.prompts[i : i + bs], params):
+                    f.write(json.dumps({"tokens": ids, "text": self.tok.decode(ids)}) + "\n")
+                    n += len(ids)
+                log(
+                    f"generate: {min(i + bs, len(self.prompts))}/{len(self.prompts)} prompts, {n} tokens, "
+                    f"{time.perf_counter() - t0:.1f} s"
+                )
+        os.replace(tmp, out)  # the output appears whole or not at all
+
+
+class Interactive(Command):
+    def __init__(self, rt: Runtime, model_dir: Path, opts: InteractiveOptions) -> None:
+        super().__init__(rt, model_dir)
+        self.instruct = opts.instruct
+
+    def _read_line(self, pipeline: Pipeline, lines: queue.Queue[str | None]) -> str | None:
+        # While the user thinks, keep the other ranks inside their receive timeout.
+        interval = max(1.0, self.rt.opts.dist_timeout / 4)
+        while True:
+            try:
+                return lines.get(timeout=interval)
+            except queue.Empty:
+                pipeline.keepalive()
+
+    def run(self, pipeline: Pipeline) -> None:
+        assert self.tok is not None
+        tok = self.tok
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def reader() -> None:
+            while True:
+                try:
+                    line = input("> ")
+                except (EOFError, OSError):
+                    lines.put(None)
+                    return
+                lines.put(line)
+
+        threading.Thread(target=reader, daemon=True).start()
+        while True:
+            line = self._read_line(pipeline, lines)
+            if line is None:
+                print(file=sys.stderr)
+                return
+            if not line.strip():
+                continue
+            self._stream(pipeline, tok.encode(tok.instruct(line) if self.instruct else line))
+
+    def _stream(self, pipeline: Pipeline, prompt: list[int]) -> None:
+        assert self.tok is not None
+        stream = StreamDecoder(self.tok)
+        pipeline.generate(
+            [prompt], self.rt.generation_params(), on_token=lambda b, t: print(stream.push(t), end="", flush=True)
+        )
+        print(stream.flush(), flush=True)
+
+
+def model_dir_of(opts: RunOptions) -> Path:
+    if opts.model_dir is None:
+        raise ConfigError("give a model directory (params.json, consolidated.safetensors, tokenizer.model)")
+    return Path(opts.model_dir)

@@ -1,0 +1,62 @@
+"""Command-line options as dataclasses (simple-parsing turns the comments into --help text)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from simple_parsing import field
+
+
+@dataclass
+class RunOptions:
+    """Options shared by every command that runs a model."""
+
+    model_dir: str | None = field(default=None, positional=True, nargs="?")  # params.json + weights + tokenizer.model
+    max_tokens: int = 64  # tokens to generate per prompt (generation also stops at EOS)
+    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
+    seed: int = 0  # seed of the sampler (the same seed gives the same tokens for any pipeline layout)
+    num_pipeline_ranks: int = 1  # pipeline stages; must equal the number of processes (torchrun --nproc-per-node)
+    num_microbatches: int | None = None  # micro-batches a batch is cut into (default: the number of stages)
+    chunk_size: int | None = None  # prefill chunk length in tokens (default: the sliding window, else 1024)
+    layer_split: str | None = None  # layers per stage, e.g. 3,4,4,3 (default: balanced by cost)
+    dtype: str | None = field(default=None, choices=["float32", "bfloat16", "float16"])  # default: checkpoint's
+    device: str = field(default="auto", choices=["auto", "cpu", "cuda"])  # auto: cuda:<local rank> if present
+    attention: str = field(default="auto", choices=["auto", "sdpa", "xformers"])  # attention kernel
+    threads: int | None = None  # torch CPU threads per rank (default: torch's, or OMP_NUM_THREADS)
+    dist_timeout: float = 120.0  # seconds before a silent peer is declared lost and the job ends
+
+
+@dataclass
+class DemoOptions(RunOptions):
+    """Generate for a few built-in prompts (batched) and print them with timing.
+    Without a model directory, a tiny random-weights model is created and reused."""
+
+
+@dataclass
+class InteractiveOptions(RunOptions):
+    """Read prompts from the terminal and stream the generated tokens. Ctrl-D or Ctrl-C quits."""
+
+    instruct: bool = False  # wrap each prompt in Mistral's [INST] ... [/INST] template
+
+
+@dataclass
+class GenerateOptions(RunOptions):
+    """Generate for every line of a JSONL file: {"prompt": "text"} or {"tokens": [ids]}.
+    Writes one line per input line, same order: {"tokens": [new ids], "text": "new text"}."""
+
+    input: str = field(default="", required=True)  # JSONL prompts
+    output: str = field(default="", required=True)  # JSONL results (written by rank 0 only)
+    batch_size: int = 16  # prompts generated together
+    instruct: bool = False  # wrap "prompt" texts in Mistral's [INST] ... [/INST] template
+
+
+@dataclass
+class MakeCheckpointOptions:
+    """Write a random-weights checkpoint in Mistral's native layout, with a tokenizer."""
+
+    out_dir: str = field(positional=True)  # where to write params.json, weights and tokenizer.model
+    config: str = "configs/tiny.json"  # params.json-style preset (see configs/)
+    dtype: str = field(default="float32", choices=["float32", "bfloat16", "float16"])  # weights dtype
+    format: str = field(default="safetensors", choices=["safetensors", "pth"])  # weights file format
+    seed: int = 0  # seed of the random weights

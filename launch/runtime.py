@@ -1,0 +1,145 @@
+"""Process-group setup, loading this rank's stage, and agreeing on errors across ranks."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distributed.p2p import Links
+from distributed.partition import stage_layers
+from distributed.pipeline import GenerationParams, Pipeline
+from distributed.topology import Topology, detect, init_distributed, pick_device
+from launch.options import RunOptions
+from model.args import ConfigError, ModelArgs
+from model.attention import get_backend
+from model.checkpoint import expected_shapes, load_stage, parse_dtype
+from model.sampling import SamplingParams
+
+DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.json"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Runtime:
+    topo: Topology
+    device: torch.device
+    opts: RunOptions
+    control: dist.ProcessGroup | None = None  # gloo group for agreeing on errors
+
+    @property
+    def rank(self) -> int:
+        return self.topo.rank
+
+    @property
+    def n_stages(self) -> int:
+        return self.topo.world_size
+
+    @classmethod
+    def start(cls, opts: RunOptions) -> Runtime:
+        topo = detect()
+        if opts.num_pipeline_ranks != topo.world_size:
+            how = (
+                f"start {opts.num_pipeline_ranks} processes, e.g. torchrun --nproc-per-node {opts.num_pipeline_ranks} "
+                "-m launch ..."
+                if topo.world_size == 1
+                else f"pass --num_pipeline_ranks {topo.world_size}"
+            )
+            raise ConfigError(
+                f"--num_pipeline_ranks={opts.num_pipeline_ranks} but this job has {topo.world_size} process(es): {how}"
+            )
+        if opts.dist_timeout <= 0:
+            raise ConfigError(f"--dist_timeout must be > 0 seconds, got {opts.dist_timeout}")
+        if opts.threads is not None:
+            if opts.threads < 1:
+                raise ConfigError(f"--threads must be >= 1, got {opts.threads}")
+            torch.set_num_threads(opts.threads)
+        device = pick_device(topo, opts.device)
+        init_distributed(topo, device, opts.dist_timeout)
+        control = None
+        if topo.world_size > 1:
+            control = dist.new_group(backend="gloo", timeout=timedelta(seconds=opts.dist_timeout))
+        return cls(topo, device, opts, control)
+
+    def agree(self, error: str | None) -> None:
+        """Collective: if any rank had an error, every rank raises it (naming the rank)."""
+        if self.control is None:
+            if error:
+                raise ConfigError(error)
+            return
+        errors: list[str | None] = [None] * self.topo.world_size
+        dist.all_gather_object(errors, error, group=self.control)
+        bad = [(r, e) for r, e in enumerate(errors) if e]
+        if bad:
+            r, e = bad[0]
+            raise ConfigError(e if r == self.rank else f"rank {r}: {e}")
+
+    def generation_params(self) -> GenerationParams:
+        o = self.opts
+        return GenerationParams(
+            max_tokens=o.max_tokens,
+            sampling=SamplingParams(o.temperature, o.top_p, o.seed),
+            chunk_size=o.chunk_size,
+            num_microbatches=o.num_microbatches,
+        )
+
+    def load(self, model_dir: Path) -> Pipeline:
+        """Build and load this rank's stage; returns the pipeline it takes part in."""
+        args = ModelArgs.from_json(model_dir / "params.json") if model_dir.is_dir() else None
+        if args is None:
+            raise ConfigError(f"model directory {model_dir} does not exist")
+        split = stage_layers(args.n_layers, self.n_stages, self.opts.layer_split)
+        if self.rank == 0:
+            print_split(args, split)
+        first, last = self.rank == 0, self.rank == self.n_stages - 1
+        progress = (lambda m: log(f"[rank {self.rank}] {m}")) if self.rank == 0 or self.topo.world_size <= 8 else None
+        model = load_stage(
+            model_dir, split[self.rank], first, last, parse_dtype(self.opts.dtype), self.device, progress
+        )
+        model.attention = get_backend(self.opts.attention, self.device)
+        links = Links(self.rank, self.n_stages, self.device) if self.n_stages > 1 else None
+        return Pipeline(model, self.rank, self.n_stages, self.device, links)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def print_split(args: ModelArgs, split: list[list[int]]) -> None:
+    shapes = expected_shapes(args)
+    log(f"pipeline: {len(split)} stage(s) over {args.n_layers} layers")
+    for s, layers in enumerate(split):
+        names = [n for n in shapes if any(n.startswith(f"layers.{i}.") for i in layers)]
+        if s == 0:
+            names.append("tok_embeddings.weight")
+        if s == len(split) - 1:
+            names += ["norm.weight", "output.weight"]
+        n = sum(math.prod(shapes[k]) for k in names)
+        log(f"  stage {s}: layers {layers[0]}-{layers[-1]} ({len(layers)}), {n / 1e6:.2f}M parameters")
+
+
+def default_model_dir() -> Path:
+    """A tiny random model, created once and reused, so the demo needs no download."""
+    from model.checkpoint import make_random_checkpoint
+    from model.tokenizer import DEFAULT_TOKENIZER_PATH
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mistral-pipeline" / "tiny-default"
+    if not (cache / "consolidated.safetensors").is_file():
+        tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
+        make_random_checkpoint(ModelArgs.from_json(DEFAULT_MODEL_CONFIG), tmp, tokenizer=DEFAULT_TOKENIZER_PATH)
+        try:
+            tmp.rename(cache)
+        except OSError:  # another rank made it first; theirs is identical (same seed)
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache
