@@ -102,7 +102,7 @@ class Stage:
         p = self.params
         steps = self.count[rows].tolist() if p.sampling.temperature > 0 else [0] * (rows.stop - rows.start)
         tokens = sample(self.logits[rows], p.sampling, list(range(rows.start, rows.stop)), steps)
-        done_before = self.done[rows]
+        done_before = self.done[rows].clone()  # a copy: self.done[rows] is overwritten below
         count = self.count[rows] + (~done_before).long()
         eos = ~done_before & (tokens == p.eos_id) if p.eos_id is not None else torch.zeros_like(done_before)
         done = done_before | eos | (count >= p.max_tokens)
