@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from simple_parsing import ArgumentParser
@@ -109,19 +109,11 @@ def run(name: str, opts: RunOptions) -> None:
         rt.close()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+def run_guarded(fn: Callable[[], None]) -> None:
+    """Run fn, turning the errors a user can cause or a lost peer into one line and an exit code."""
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
     try:
-        if ns.command == "make-checkpoint":
-            make_checkpoint(ns.opts)
-        elif ns.command == "bench":
-            from launch.bench import run_bench
-
-            run_bench(ns.opts)
-        else:
-            run(ns.command, ns.opts)
+        fn()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -131,3 +123,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"\n[rank {rank}] interrupted", file=sys.stderr, flush=True)
         os._exit(130)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ns = build_parser().parse_args(argv)
+
+    def dispatch() -> None:
+        if ns.command == "make-checkpoint":
+            make_checkpoint(ns.opts)
+        elif ns.command == "bench":
+            from launch.bench import run_bench
+
+            run_bench(ns.opts)
+        else:
+            run(ns.command, ns.opts)
+
+    run_guarded(dispatch)

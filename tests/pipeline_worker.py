@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distributed.pipeline import GenerationParams  # noqa: E402
+from launch.cli import run_guarded  # noqa: E402
 from launch.options import RunOptions  # noqa: E402
 from launch.runtime import Runtime  # noqa: E402
 from model.args import ConfigError  # noqa: E402
@@ -66,4 +67,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)
