@@ -189,15 +189,25 @@ def summarize(
     )
 
 
-def median_timing(runs: list[Timing]) -> Timing:
-    def med(name: str) -> Any:
-        values = [getattr(r, name) for r in runs]
-        if any(v is None for v in values):
-            return None
-        m = statistics.median(values)
-        return int(m) if isinstance(values[0], int) else m
-
-    return Timing(**{k: med(k) for k in asdict(runs[0])})
+def median_timing(runs: list[Timing], batch: int, prompt_len: int) -> Timing:
+    """Medians of the times and of the decode rate; the other rates follow from them, so the
+    numbers of one report stay consistent with each other."""
+    med = statistics.median
+    prefill_s = med(r.prefill_s for r in runs)
+    rates = [r.decode_tok_s for r in runs]
+    decode_tok_s = None if any(x is None for x in rates) else med(x for x in rates if x is not None)
+    decode_s = [r.decode_s for r in runs]
+    return Timing(
+        ttft_s=med(r.ttft_s for r in runs),
+        prefill_s=prefill_s,
+        prefill_tok_s=batch * prompt_len / prefill_s,
+        decode_s=None if any(x is None for x in decode_s) else med(x for x in decode_s if x is not None),
+        decode_tokens=statistics.median_low(r.decode_tokens for r in runs),
+        decode_tok_s=decode_tok_s,
+        decode_ms_per_token=1000.0 * batch / decode_tok_s if decode_tok_s else None,
+        total_s=med(r.total_s for r in runs),
+        generated_tokens=runs[0].generated_tokens,
+    )
 
 
 def time_engine(
@@ -565,7 +575,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
                     runs[name].append(t)
                     if name == "engine":
                         tokens = out
-            result = {name: asdict(median_timing(r)) for name, r in runs.items()}
+            result = {name: asdict(median_timing(r, opts.batch_size, opts.prompt_len)) for name, r in runs.items()}
         finally:
             pipeline.shutdown()
     else:
@@ -652,7 +662,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         del hf
         agree = sum(a == b for x, y in zip(tokens, hf_tokens, strict=True) for a, b in zip(x, y, strict=False))
         peers["transformers"] = {
-            **asdict(median_timing(hf_runs)),
+            **asdict(median_timing(hf_runs, opts.batch_size, opts.prompt_len)),
             "version": transformers.__version__,
             "tokens_agree": agree / max(1, sum(len(x) for x in tokens)),
         }

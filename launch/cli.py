@@ -105,6 +105,7 @@ def run(name: str, opts: RunOptions) -> None:
                 pipeline.shutdown()
         else:
             pipeline.serve()
+        rt.report_memory(pipeline)
     finally:
         rt.close()
 

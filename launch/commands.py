@@ -159,9 +159,12 @@ class Interactive(Command):
         assert self.tok is not None
         tok = self.tok
         lines: queue.Queue[str | None] = queue.Queue()
+        ready = threading.Event()  # prompt for the next line only once the last answer is printed
 
         def reader() -> None:
             while True:
+                ready.wait()
+                ready.clear()
                 try:
                     line = input("> ")
                 except (EOFError, OSError):
@@ -169,8 +172,10 @@ class Interactive(Command):
                     return
                 lines.put(line)
 
+        # input() blocks, so it runs in a thread while this one keeps the other ranks alive.
         threading.Thread(target=reader, daemon=True).start()
         while True:
+            ready.set()
             line = self._read_line(pipeline, lines)
             if line is None:
                 print(file=sys.stderr)

@@ -109,6 +109,21 @@ class Runtime:
         links = Links(self.rank, self.n_stages, self.device) if self.n_stages > 1 else None
         return Pipeline(model, self.rank, self.n_stages, self.device, links)
 
+    def report_memory(self, pipeline: Pipeline) -> None:
+        """Peak RSS of this rank against its share of the weights and the whole model."""
+        import resource
+
+        model = pipeline.stage.model
+        elem = next(model.parameters()).element_size()
+        share = sum(p.numel() * p.element_size() for p in model.parameters())
+        whole = sum(math.prod(s) for s in expected_shapes(model.args).values()) * elem
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        gpu = ""
+        if self.device.type == "cuda":
+            gpu = f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
+        log(f"[rank {self.rank}] peak RSS {rss / 2**20:.0f} MiB{gpu}; stage weights {share / 2**20:.1f} MiB "
+            f"of the model's {whole / 2**20:.1f} MiB")
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
