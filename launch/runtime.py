@@ -98,13 +98,13 @@ class Runtime:
         if args is None:
             raise ConfigError(f"model directory {model_dir} does not exist")
         split = stage_layers(args.n_layers, self.n_stages, self.opts.layer_split)
-        if self.rank == 0:
-            print_split(args, split)
         first, last = self.rank == 0, self.rank == self.n_stages - 1
         progress = (lambda m: log(f"[rank {self.rank}] {m}")) if self.rank == 0 or self.topo.world_size <= 8 else None
         model = load_stage(
             model_dir, split[self.rank], first, last, parse_dtype(self.opts.dtype), self.device, progress
         )
+        if self.rank == 0:
+            print_split(args, split, next(model.parameters()).element_size())
         model.attention = get_backend(self.opts.attention, self.device)
         links = Links(self.rank, self.n_stages, self.device) if self.n_stages > 1 else None
         return Pipeline(model, self.rank, self.n_stages, self.device, links)
@@ -129,7 +129,7 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def print_split(args: ModelArgs, split: list[list[int]]) -> None:
+def print_split(args: ModelArgs, split: list[list[int]], elem_bytes: int | None = None) -> None:
     shapes = expected_shapes(args)
     log(f"pipeline: {len(split)} stage(s) over {args.n_layers} layers")
     for s, layers in enumerate(split):
@@ -139,7 +139,8 @@ def print_split(args: ModelArgs, split: list[list[int]]) -> None:
         if s == len(split) - 1:
             names += ["norm.weight", "output.weight"]
         n = sum(math.prod(shapes[k]) for k in names)
-        log(f"  stage {s}: layers {layers[0]}-{layers[-1]} ({len(layers)}), {n / 1e6:.2f}M parameters")
+        size = "" if elem_bytes is None else f", {n * elem_bytes / 2**20:.1f} MiB"
+        log(f"  stage {s}: layers {layers[0]}-{layers[-1]} ({len(layers)}), {n / 1e6:.2f}M parameters{size}")
 
 
 def default_model_dir() -> Path:
