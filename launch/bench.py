@@ -50,7 +50,7 @@ import torch.distributed as dist
 from distributed.partition import stage_layers
 from distributed.pipeline import DEFAULT_CHUNK_NO_WINDOW, GenerationParams, Pipeline
 from launch.options import RunOptions
-from launch.runtime import Runtime, print_split
+from launch.runtime import Runtime, log
 from model.args import ConfigError, ModelArgs
 from model.attention import get_backend
 from model.cache import cache_capacity
@@ -266,7 +266,8 @@ def build_pipeline(rt: Runtime, opts: BenchOptions) -> tuple[Pipeline, str]:
     args = ModelArgs.from_json(path)
     split = stage_layers(args.n_layers, rt.n_stages, opts.layer_split)
     if rt.rank == 0:
-        print_split(args, split)
+        spans = ", ".join(f"{x[0]}-{x[-1]}" for x in split)
+        log(f"bench: {args.n_layers} layers over {len(split)} stage(s) (layers {spans}), random weights")
     dtype = parse_dtype(opts.dtype) or torch.float32
     model = random_stage(
         args, split[rt.rank], rt.rank == 0, rt.rank == rt.n_stages - 1, dtype, rt.device, opts.init_seed
