@@ -35,6 +35,9 @@ CLUSTER = REPO / "tests" / "cluster"
 SBATCH_SCRIPTS = sorted(p.name for p in (REPO / "launch" / "slurm").glob("*.sbatch"))
 HOST_ADDR = {"h1": "10.200.0.1", "h2": "10.200.0.2"}
 MAX_TOKENS = 24
+# One thread per rank: this machine has 2 cores for up to 4 processes, and oversubscribed torch
+# threads spin (a 16-prompt run took 24 s instead of 2 s). Same for the reference run.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SLURM_UNAVAILABLE = 3  # slurm_up.sh's exit status when apt-get cannot install the packages
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
@@ -121,7 +124,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
     model = TinyModel(model_dir, prompts, b"", work)
     out = work / "reference.jsonl"
-    ref = _run([sys.executable, "-m", "launch", *_generate_args(model, out, 1)], timeout=120, cwd=REPO)
+    ref = _run(
+        [sys.executable, "-m", "launch", *_generate_args(model, out, 1)],
+        timeout=120, cwd=REPO, env={**os.environ, **ONE_THREAD},
+    )  # fmt: skip
     assert ref.returncode == 0, _shown(ref)
     reference = out.read_bytes()
     assert reference.count(b"\n") == len(lines) and b'"tokens": [' in reference, reference
@@ -207,7 +213,7 @@ def test_torchrun_two_hosts(hosts: None, tiny_model: TinyModel, rendezvous: str)
                 sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                 "--max-restarts", "0", *rdzv, "-m", "launch", *_generate_args(tiny_model, out, 2),
             ]  # fmt: skip
-            env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(REPO)}
+            env = {**os.environ, **ONE_THREAD, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(REPO)}
             proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             procs.append((ns, proc))
         logs = {ns: p.communicate(timeout=150)[0] for ns, p in procs}
@@ -234,6 +240,7 @@ def _job_env(tiny_model: TinyModel, output: Path, **more: str) -> dict[str, str]
         "PYTHON": sys.executable,
         "REPO_DIR": str(REPO),
         "GLOO_SOCKET_IFNAME": "eth0",  # the host name maps to 127.0.0.1 in the namespaces
+        **ONE_THREAD,
         **more,
     }
 
@@ -314,3 +321,13 @@ def test_killed_rank_fails_job(slurm: SlurmCluster, tiny_model: TinyModel, scrip
             break
         time.sleep(0.25)
     assert not left, f"ranks {left} of job {job_id} still running after it failed:\n{text}"
+
+
+@pytest.mark.timeout(60)
+def test_scripts_pass_shellcheck() -> None:
+    """The sbatch scripts and the cluster helpers are clean under shellcheck (when it is installed)."""
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    scripts = sorted(CLUSTER.glob("*.sh")) + sorted((REPO / "launch" / "slurm").glob("*.sbatch"))
+    p = _run(["shellcheck", "-x", "-s", "bash", *map(str, scripts)], timeout=50, cwd=REPO)
+    assert p.returncode == 0, _shown(p)

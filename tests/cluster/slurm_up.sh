@@ -73,7 +73,15 @@ record() { echo "$1 $2" >>"$PIDS"; }
 
 # --- munge: a private daemon, key and socket -----------------------------------------------------
 # munged runs as the munge user and checks that its directories belong to it, so it gets a folder
-# of its own under /tmp (STATE may sit below a root-only directory such as pytest's).
+# of its own under /tmp (STATE may sit below a root-only directory such as pytest's). It runs in
+# h1 like the other daemons (its socket is a file, reachable from every namespace), so that
+# netns_down.sh stops it even after a crashed run; folders of such runs are removed here.
+for dir in /tmp/mp-munge.*; do
+    [[ -d $dir ]] || continue
+    pid=$(cat "$dir/munged.pid" 2>/dev/null || true)
+    if [[ -n $pid ]] && pid_is "$pid" "$dir"; then continue; fi
+    rm -rf "$dir"
+done
 MUNGE_DIR=$(mktemp -d /tmp/mp-munge.XXXXXX)
 echo "$MUNGE_DIR" >"$STATE/munge_dir"
 chmod 0755 "$MUNGE_DIR"
@@ -81,7 +89,7 @@ dd if=/dev/urandom of="$MUNGE_DIR/munge.key" bs=1024 count=1 status=none
 chmod 0400 "$MUNGE_DIR/munge.key"
 chown -R munge:munge "$MUNGE_DIR"
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket
-setpriv --reuid=munge --regid=munge --init-groups -- munged --foreground \
+nsenter --net="/run/netns/$NS1" setpriv --reuid=munge --regid=munge --init-groups -- munged --foreground \
     --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/munge.key" --pid-file="$MUNGE_DIR/munged.pid" \
     --seed-file="$MUNGE_DIR/munged.seed" --log-file="$MUNGE_DIR/munged.log" \
     >"$STATE/log/munged.out" 2>&1 &
