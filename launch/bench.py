@@ -538,10 +538,12 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
     rank, world = rt.rank, rt.n_stages
     base_rss = current_rss()
     error, pipeline, source = None, None, ""
+    t_load = time.perf_counter()
     try:
         pipeline, source = build_pipeline(rt, opts)
     except ConfigError as e:
         error = str(e)
+    load_s = time.perf_counter() - t_load
     rt.agree(error)
     assert pipeline is not None
     model = pipeline.stage.model
@@ -602,6 +604,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
             p.numel() * p.element_size() for n, p in model.named_parameters() if n != "tok_embeddings.weight"
         ),
         "kv_bytes": seen["kv_bytes"],
+        "load_s": load_s,
         "base_rss_bytes": base_rss,
         "loaded_rss_bytes": loaded_rss,
         "peak_rss_bytes": rss_high,

@@ -57,12 +57,24 @@ FIELDS = [
     "peak_rss_max_gb", "weight_gb", "kv_bytes",
     "prefill_eff", "prefill_ideal", "decode_eff", "decode_ideal",
     "naive_prefill_tok_s", "naive_decode_tok_s", "hf_prefill_tok_s", "hf_decode_tok_s",
-    "naive_vs_engine_decode", "hf_vs_engine_decode", "load_avg", "wall_s",
+    "naive_vs_engine_decode", "hf_vs_engine_decode", "busy_before", "load_avg", "wall_s",
 ]  # fmt: skip
 
 
 def parse_ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
+
+
+def wait_for_quiet(max_busy: float, max_wait: float) -> float:
+    """Wait (up to max_wait s) until the machine's CPUs are at most max_busy % busy; returns the last reading.
+    Other jobs on a shared machine would otherwise be measured along with the engine."""
+    import psutil
+
+    t0 = time.monotonic()
+    while True:
+        busy = float(psutil.cpu_percent(interval=2.0))
+        if busy <= max_busy or time.monotonic() - t0 >= max_wait:
+            return busy
 
 
 def free_port() -> int:
@@ -254,6 +266,7 @@ def markdown(rows: list[dict[str, Any]], pngs: list[Path], md: Path, name: str, 
              config_args: dict[str, Any], cores: int) -> str:  # fmt: skip
     m = rows[0]["_machine"]
     loads = [r["load_avg"] for r in rows if r["load_avg"] is not None]
+    busy = [r["busy_before"] for r in rows if r.get("busy_before") is not None]
     lines = [
         f"### Scaling matrix: `{name}`",
         "",
@@ -261,10 +274,13 @@ def markdown(rows: list[dict[str, Any]], pngs: list[Path], md: Path, name: str, 
         f"prompt {rows[0]['prompt_len']} tokens, {rows[0]['new_tokens']} new tokens, chunk {rows[0]['chunk_size']}.",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, torch {m['torch']}, "
         f"Python {m['python']}" + (f", GPU {m['gpu']}" if "gpu" in m else "") + ".",
-        f"1-minute load average when each run started: {min(loads):.1f} to {max(loads):.1f} "
-        f"(the machine has {cores} cores; other jobs share it)."
-        if loads
-        else "",
+        (
+            f"1-minute load average at the end of each job: {min(loads):.1f} to {max(loads):.1f} "
+            f"(the machine has {cores} cores and may be shared)"
+            if loads
+            else ""
+        )
+        + (f"; CPU busy just before each job: {min(busy):.0f}% to {max(busy):.0f}%." if busy else "."),
         "",
         "Command:",
         "",
@@ -346,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--md", default=None, help="markdown file to write the section into (default: OUT/benchmarks.md)")
     ap.add_argument("--name", default=None, help="name of this matrix in file names (default: the config's)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per bench job")
+    ap.add_argument("--quiet_cpu", type=float, default=100, help="before each job wait until CPUs are <= this %% busy")
+    ap.add_argument("--max_wait", type=float, default=300, help="the longest wait for --quiet_cpu, seconds")
     a = ap.parse_args(argv)
 
     import torch
@@ -372,9 +390,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             naive = a.naive and p > 1 and m == p
             hf = a.hf and p == 1 and not ref
             what = f"P={p} M={m} batch={b} threads={threads}{' (reference)' if ref else ''}"
+            busy = wait_for_quiet(a.quiet_cpu, a.max_wait) if a.quiet_cpu < 100 else None
             print(f"[{i + 1}/{len(plan)}] {what}", file=sys.stderr, flush=True)
             rep = run_bench(config, p, m, b, threads, a, naive, hf)
             row = row_of(rep, threads)
+            row["busy_before"] = busy
             row["_ref"] = ref
             rows.append(row)
             print(f"    prefill {row['prefill_tok_s']:.1f} tok/s, decode {_f(row['decode_tok_s'])} tok/s, "

@@ -22,8 +22,8 @@ from model.checkpoint import expected_shapes
 
 TINY = REPO / "configs" / "tiny.json"
 TIMING_KEYS = ("ttft_s", "prefill_s", "prefill_tok_s", "decode_s", "decode_tok_s", "decode_ms_per_token", "total_s")
-RANK_KEYS = ("rank", "layers", "n_layers", "threads", "weight_bytes", "streamed_bytes", "kv_bytes", "base_rss_bytes",
-             "loaded_rss_bytes", "peak_rss_bytes", "gpu_peak_bytes", "rss_budget_bytes",
+RANK_KEYS = ("rank", "layers", "n_layers", "threads", "weight_bytes", "streamed_bytes", "kv_bytes", "load_s",
+             "base_rss_bytes", "loaded_rss_bytes", "peak_rss_bytes", "gpu_peak_bytes", "rss_budget_bytes",
              "rss_within_budget")  # fmt: skip
 
 
@@ -91,7 +91,9 @@ def check_report(r: dict[str, Any], batch: int, prompt_len: int, new_tokens: int
         assert rk["weight_bytes"] == stage_weight_bytes(args, layers, first, last, 4)
         emb = args.vocab_size * args.dim * 4 if first else 0
         assert rk["streamed_bytes"] == rk["weight_bytes"] - emb
-        assert positive(rk["base_rss_bytes"]) and rk["base_rss_bytes"] <= rk["peak_rss_bytes"]
+        assert (
+            positive(rk["load_s"]) and positive(rk["base_rss_bytes"]) and rk["base_rss_bytes"] <= rk["peak_rss_bytes"]
+        )
         assert rk["loaded_rss_bytes"] <= rk["peak_rss_bytes"] < 64 << 30
         assert rk["gpu_peak_bytes"] is None
         assert rk["rss_budget_bytes"] == int(1.15 * rk["weight_bytes"] + rk["kv_bytes"] + 0.5e9)
