@@ -22,13 +22,16 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by positions [B, T] * theta^(-2i/D)."""
-    d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [D/2]
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, 1, D/2] of positions [B, T] * theta^(-2i/D); padding (-1) gets position 0."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.clamp(min=0).to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]  # [B, T, 1, D/2]
-    xf = x.float().unflatten(-1, (d // 2, 2))  # [B, T, H, D/2, 2]
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] (Meta's / Mistral's layout)."""
+    xf = x.float().unflatten(-1, (x.shape[-1] // 2, 2))  # [B, T, H, D/2, 2]
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
@@ -38,7 +41,6 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.theta = args.theta
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -49,7 +51,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, D]
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
-        q, k = rotary(q, ctx.positions, self.theta), rotary(k, ctx.positions, self.theta)
+        cos, sin = ctx.rope  # computed once per step, shared by every layer
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         out = backend(q, k, v, layer, ctx)  # [B, T, H, D]
         return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
 

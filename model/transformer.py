@@ -8,7 +8,7 @@ from torch import nn
 from model.args import ModelArgs
 from model.attention import AttentionBackend, sdpa_attention
 from model.cache import RollingCache
-from model.layers import RMSNorm, TransformerBlock
+from model.layers import RMSNorm, TransformerBlock, rope_tables
 
 
 class Transformer(nn.Module):
@@ -70,6 +70,7 @@ class Transformer(nn.Module):
         without it the last stage returns logits for every token [B, T, vocab].
         Other stages return activations [B, T, dim]."""
         ctx = cache.step(slice(None) if rows is None else rows, positions)
+        ctx.rope = rope_tables(positions, self.args.head_dim, self.args.theta)
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         for i in self.layer_ids:
             h = self.layers[str(i)](h, i, ctx, self.attention)
