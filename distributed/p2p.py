@@ -27,6 +27,11 @@ class PeerLost(RuntimeError):
     """A neighbour stage died, hung past the timeout, or closed its connection."""
 
 
+def _first(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
 class Links:
     def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -38,14 +43,18 @@ class Links:
         try:
             work.wait()
         except Exception as e:  # gloo/NCCL raise RuntimeError subclasses with long messages
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise PeerLost(
-                f"rank {self.rank} lost contact with rank {peer} (stage {peer}) while {what}: {first}"
+                f"rank {self.rank} lost contact with rank {peer} (stage {peer}) while {what}: {_first(e)}"
             ) from e
 
     def _isend(self, t: torch.Tensor, dst: int, what: str) -> None:
         t = t.contiguous()
-        work = dist.isend(t, dst)
+        try:
+            work = dist.isend(t, dst)
+        except Exception as e:  # gloo raises at once when the connection is already gone
+            raise PeerLost(
+                f"rank {self.rank} lost contact with rank {dst} (stage {dst}) while {what}: {_first(e)}"
+            ) from e
         assert work is not None
         self._pending.append((work, t, dst, what))
         self._reap()
@@ -61,7 +70,12 @@ class Links:
 
     def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, what: str) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.device)
-        work = dist.irecv(t, src)
+        try:
+            work = dist.irecv(t, src)
+        except Exception as e:
+            raise PeerLost(
+                f"rank {self.rank} lost contact with rank {src} (stage {src}) while {what}: {_first(e)}"
+            ) from e
         assert work is not None
         self._wait(work, src, what)
         return t

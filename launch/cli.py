@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -49,6 +50,9 @@ def validate(opts: RunOptions) -> None:
     """Flag checks that need no model: fail before any process group exists."""
     if opts.max_tokens < 0:
         raise ConfigError(f"--max_tokens must be >= 0, got {opts.max_tokens}")
+    for flag in ("temperature", "top_p", "dist_timeout"):
+        if not math.isfinite(getattr(opts, flag)):
+            raise ConfigError(f"--{flag} must be a finite number, got {getattr(opts, flag)}")
     if opts.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {opts.temperature}")
     if not 0 < opts.top_p <= 1:
@@ -99,10 +103,10 @@ def run(name: str, opts: RunOptions) -> None:
             error = str(e)
         rt.agree(error)
         if rt.rank == 0:
-            try:
-                cmd.run(pipeline)
-            finally:
-                pipeline.shutdown()
+            # STOP is sent only after a clean run: after an error the other ranks learn of it from
+            # the closed connection (or the timeout) instead of a half-finished request.
+            cmd.run(pipeline)
+            pipeline.shutdown()
         else:
             pipeline.serve()
         rt.report_memory(pipeline)

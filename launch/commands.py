@@ -26,10 +26,16 @@ DEMO_PROMPTS = [
 
 def read_jsonl(path: Path, tok: Tokenizer, instruct: bool) -> list[list[int]]:
     """Validate the whole file before anything runs; one-line errors name the line."""
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"--input {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"--input {path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--input {path} is not valid UTF-8 (byte {e.start}); save it as UTF-8 JSONL") from None
     prompts: list[list[int]] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{n}"
@@ -59,9 +65,14 @@ def read_jsonl(path: Path, tok: Tokenizer, instruct: bool) -> list[list[int]]:
 
 
 def check_vocab(tok: Tokenizer, pipeline: Pipeline) -> None:
+    # A larger tokenizer gives ids the embedding lacks; a smaller one cannot decode every id the
+    # model may generate. Mistral's own checkpoints always match exactly.
     vocab = pipeline.stage.model.args.vocab_size
-    if tok.n_words > vocab:
-        raise ConfigError(f"the tokenizer has {tok.n_words} pieces but params.json's vocab_size is {vocab}")
+    if tok.n_words != vocab:
+        raise ConfigError(
+            f"the tokenizer has {tok.n_words} pieces but params.json's vocab_size is {vocab}; "
+            "use the tokenizer.model that belongs to these weights"
+        )
 
 
 class Command:
@@ -121,6 +132,8 @@ class Generate(Command):
             out = Path(self.opts.output)
             if not out.parent.is_dir():
                 raise ConfigError(f"--output {out}: directory {out.parent} does not exist")
+            if out.is_dir():
+                raise ConfigError(f"--output {out} is a directory; give a file name")
         return pipeline
 
     def run(self, pipeline: Pipeline) -> None:
@@ -154,6 +167,8 @@ class Interactive(Command):
                 return lines.get(timeout=interval)
             except queue.Empty:
                 pipeline.keepalive()
+            except KeyboardInterrupt:  # Ctrl-C at the prompt quits like Ctrl-D
+                return None
 
     def run(self, pipeline: Pipeline) -> None:
         assert self.tok is not None

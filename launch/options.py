@@ -11,19 +11,21 @@ from simple_parsing import field
 class RunOptions:
     """Options shared by every command that runs a model."""
 
-    model_dir: str | None = field(default=None, positional=True, nargs="?")  # params.json + weights + tokenizer.model
+    # directory with params.json, consolidated.safetensors (or .00.pth) and tokenizer.model
+    model_dir: str | None = field(default=None, positional=True, nargs="?", metavar="model_dir")
     max_tokens: int = 64  # tokens to generate per prompt (generation also stops at EOS)
     temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
     seed: int = 0  # seed of the sampler (the same seed gives the same tokens for any pipeline layout)
     num_pipeline_ranks: int = 1  # pipeline stages; must equal the number of processes (torchrun --nproc-per-node)
-    num_microbatches: int | None = None  # micro-batches a batch is cut into (default: the number of stages)
-    chunk_size: int | None = None  # prefill chunk length in tokens (default: the sliding window, else 1024)
-    layer_split: str | None = None  # layers per stage, e.g. 3,4,4,3 (default: balanced by cost)
-    dtype: str | None = field(default=None, choices=["float32", "bfloat16", "float16"])  # default: checkpoint's
+    num_microbatches: int | None = None  # micro-batches a batch is cut into; unset: the number of stages
+    chunk_size: int | None = None  # prefill chunk length in tokens; unset: the sliding window, else 1024
+    layer_split: str | None = None  # layers per stage, e.g. 3,4,4,3; unset: balanced by cost
+    # dtype the weights are converted to and the model computes in; unset: the checkpoint's
+    dtype: str | None = field(default=None, choices=["float32", "bfloat16", "float16"])
     device: str = field(default="auto", choices=["auto", "cpu", "cuda"])  # auto: cuda:<local rank> if present
     attention: str = field(default="auto", choices=["auto", "sdpa", "xformers"])  # attention kernel
-    threads: int | None = None  # torch CPU threads per rank (default: torch's, or OMP_NUM_THREADS)
+    threads: int | None = None  # torch CPU threads per rank; unset: OMP_NUM_THREADS, else cores / ranks per node
     dist_timeout: float = 120.0  # seconds before a silent peer is declared lost and the job ends
 
 
@@ -45,7 +47,7 @@ class GenerateOptions(RunOptions):
     """Generate for every line of a JSONL file: {"prompt": "text"} or {"tokens": [ids]}.
     Writes one line per input line, same order: {"tokens": [new ids], "text": "new text"}."""
 
-    input: str = field(default="", required=True)  # JSONL prompts
+    input: str = field(default="", required=True)  # JSONL prompts (blank lines are skipped)
     output: str = field(default="", required=True)  # JSONL results (written by rank 0 only)
     batch_size: int = 16  # prompts generated together
     instruct: bool = False  # wrap "prompt" texts in Mistral's [INST] ... [/INST] template

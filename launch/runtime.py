@@ -63,6 +63,13 @@ class Runtime:
             if opts.threads < 1:
                 raise ConfigError(f"--threads must be >= 1, got {opts.threads}")
             torch.set_num_threads(opts.threads)
+        elif topo.world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # srun starts ranks without torchrun's OMP_NUM_THREADS=1: share the cores instead of
+            # letting every rank oversubscribe all of them.
+            per_node = int(
+                os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or topo.world_size
+            )
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
         device = pick_device(topo, opts.device)
         init_distributed(topo, device, opts.dist_timeout)
         control = None
@@ -121,8 +128,10 @@ class Runtime:
         gpu = ""
         if self.device.type == "cuda":
             gpu = f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
-        log(f"[rank {self.rank}] peak RSS {rss / 2**20:.0f} MiB{gpu}; stage weights {share / 2**20:.1f} MiB "
-            f"of the model's {whole / 2**20:.1f} MiB")
+        log(
+            f"[rank {self.rank}] peak RSS {rss / 2**20:.0f} MiB{gpu}; stage weights {share / 2**20:.1f} MiB "
+            f"of the model's {whole / 2**20:.1f} MiB"
+        )
 
     def close(self) -> None:
         if dist.is_initialized():
