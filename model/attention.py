@@ -5,7 +5,8 @@ and the step context (which owns the cache and the mask) and returns [B, T, H, D
   (`StepContext.mask`); any device.
 - `xformers`: xformers' memory_efficient_attention (CUDA only: xformers has no CPU kernel) with
   a block-diagonal attention bias equal to the same rule. xformers is imported only when chosen.
-- `auto`: xformers on CUDA when it imports, else sdpa.
+- `auto`: xformers on CUDA when it imports (falling back to sdpa, with a warning, for inputs it
+  has no kernel for), else sdpa.
 
 How the xformers bias is exactly the mask rule. Within one step the valid queries of a row are a
 prefix with consecutive positions p0 .. p0+n-1. Attention is invariant under a permutation of the
@@ -199,9 +200,13 @@ class XformersAttention:
     """The xformers backend (CUDA). Holds the plan of the current step (a weak reference to its
     StepContext, so the cache is never kept alive by the backend)."""
 
-    def __init__(self, ops: Any = None) -> None:
-        # `ops`: an object with xformers.ops' memory_efficient_attention (tests pass a CPU stand-in).
+    def __init__(self, ops: Any = None, fallback: bool = False) -> None:
+        # ops: an object with xformers.ops' memory_efficient_attention (tests pass a CPU stand-in).
+        # fallback: when xformers has no kernel for the inputs (a dtype, a build without the
+        # kernels), use sdpa for them with a warning (--attention auto) instead of failing.
         self._ops = importlib.import_module("xformers.ops") if ops is None else ops
+        self._fallback = fallback
+        self._unsupported: set[torch.dtype] = set()
         self._ctx: weakref.ref[StepContext] | None = None
         self._plan: XformersPlan | None = None
         self._warned = False
@@ -221,6 +226,8 @@ class XformersAttention:
         return plan
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
+        if q.dtype in self._unsupported:
+            return sdpa_attention(q, k, v, layer, ctx)
         b, t, h, d = q.shape
         hkv = k.shape[2]
         g = h // hkv
@@ -249,7 +256,23 @@ class XformersAttention:
         n_k = k_flat.shape[1]
         xk = k_flat.view(1, n_k, hkv, 1, d).expand(1, n_k, hkv, g, d)
         xv = v_flat.view(1, n_k, hkv, 1, d).expand(1, n_k, hkv, g, d)
-        out = self._ops.memory_efficient_attention(xq, xk, xv, attn_bias=plan.bias)  # [1, M, Hkv, G, D]
+        try:
+            out = self._ops.memory_efficient_attention(xq, xk, xv, attn_bias=plan.bias)  # [1, M, Hkv, G, D]
+        except Exception as e:
+            # NotImplementedError: xformers' "No operator found for memory_efficient_attention...".
+            # Under auto any failure of the kernel (e.g. a Triton kernel that does not build with
+            # this Triton) falls back to sdpa; with --attention xformers only that one is reworded.
+            if not self._fallback and not isinstance(e, NotImplementedError):
+                raise
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if not self._fallback:
+                raise ConfigError(
+                    f"--attention xformers: xformers has no kernel for {q.dtype} on {q.device} ({why}); "
+                    "use --attention sdpa (python -m xformers.info lists the kernels this build has)"
+                ) from e
+            warnings.warn(f"xformers attention failed for {q.dtype} on {q.device} ({why}); using sdpa", stacklevel=2)
+            self._unsupported.add(q.dtype)
+            return _sdpa(q, k_all, v_all, ctx.mask)
         out = out.reshape(-1, h, d)
         if plan.q_index is None:
             return out.view(b, t, h, d)
@@ -273,7 +296,7 @@ def get_backend(name: str, device: torch.device | str) -> AttentionBackend:
     if name == "sdpa":
         return sdpa_attention
     if name == "auto":
-        return XformersAttention() if device.type == "cuda" and xformers_available() else sdpa_attention
+        return XformersAttention(fallback=True) if device.type == "cuda" and xformers_available() else sdpa_attention
     if name == "xformers":
         if device.type != "cuda":
             raise ConfigError(
