@@ -20,6 +20,7 @@ from launch.options import RunOptions
 from model.args import ConfigError, ModelArgs
 from model.attention import get_backend
 from model.checkpoint import expected_shapes, load_stage, parse_dtype
+from model.cpu_kernels import pack_linears
 from model.sampling import SamplingParams
 
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.json"
@@ -113,6 +114,7 @@ class Runtime:
         if self.rank == 0:
             print_split(args, split, next(model.parameters()).element_size())
         model.attention = get_backend(self.opts.attention, self.device)
+        pack_linears(model)  # CPU bf16 only; a no-op elsewhere
         links = Links(self.rank, self.n_stages, self.device) if self.n_stages > 1 else None
         return Pipeline(model, self.rank, self.n_stages, self.device, links)
 

@@ -148,3 +148,16 @@ def test_rope_theta_defaults() -> None:
     assert ModelArgs.from_dict(dict(base, sliding_window=4096)).theta == 10000.0
     assert ModelArgs.from_dict(base).theta == 1e6
     assert ModelArgs.from_dict(dict(base, rope_theta=5.0)).theta == 5.0
+
+
+def test_packed_bf16_linears_give_identical_logits() -> None:
+    from model.cpu_kernels import PackedLinear, pack_linears
+
+    plain, _ = build(CONFIGS["moe"], torch.bfloat16)
+    packed, _ = build(CONFIGS["moe"], torch.bfloat16)
+    n = pack_linears(packed)
+    if n == 0:
+        pytest.skip("this torch build has no oneDNN weight packing")
+    assert all(type(m) is PackedLinear for m in packed.modules() if isinstance(m, torch.nn.Linear))
+    toks = prompts(lengths=(33,))[0]
+    assert torch.equal(full_logits(plain, toks, 8), full_logits(packed, toks, 8))
