@@ -85,7 +85,7 @@ class StepContext:
         # discarded); this avoids NaN without a branch.
         allowed |= (positions < 0)[:, :, None]
         self.key_positions = key_pos
-        self.rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin for `positions`, set by the model
+        self.rope: torch.Tensor  # complex rotations for `positions` [B, T, 1, D/2], set by the model
         self.mask = allowed[:, None]  # [B, 1, T, K]
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -16,25 +16,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as the reference does) and cast back.
+        if x.dtype == torch.float32:  # one fused kernel; the same arithmetic as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Normalise in fp32 and cast back before the weight, as the reference does.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, 1, D/2] of positions [B, T] * theta^(-2i/D); padding (-1) gets position 0."""
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
+    """Unit complex rotations [B, T, 1, D/2] for positions [B, T] (padding -1 gets position 0):
+    pair i of a head turns by position * theta^(-2i/D)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.clamp(min=0).to(torch.float32)[..., None] * inv_freq  # [B, T, D/2]
-    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotary(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] (Meta's / Mistral's layout)."""
-    xf = x.float().unflatten(-1, (x.shape[-1] // 2, 2))  # [B, T, H, D/2, 2]
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, T, H, D/2]
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -51,8 +52,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim)  # [B, T, H, D]
         k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
-        cos, sin = ctx.rope  # computed once per step, shared by every layer
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        q, k = rotary(q, ctx.rope), rotary(k, ctx.rope)  # ctx.rope: computed once per step
         out = backend(q, k, v, layer, ctx)  # [B, T, H, D]
         return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
 
