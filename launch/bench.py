@@ -55,6 +55,7 @@ from model.args import ConfigError, ModelArgs
 from model.attention import get_backend
 from model.cache import cache_capacity
 from model.checkpoint import DTYPES, parse_dtype
+from model.cpu_kernels import pack_linears
 from model.sampling import SamplingParams
 from model.transformer import Transformer
 
@@ -273,25 +274,45 @@ def build_pipeline(rt: Runtime, opts: BenchOptions) -> tuple[Pipeline, str]:
         args, split[rt.rank], rt.rank == 0, rt.rank == rt.n_stages - 1, dtype, rt.device, opts.init_seed
     )
     model.attention = get_backend(opts.attention, rt.device)
+    pack_linears(model)  # as Runtime.load does: CPU bf16 linears on oneDNN's packed layout
     from distributed.p2p import Links
 
     links = Links(rt.rank, rt.n_stages, rt.device) if rt.n_stages > 1 else None
     return Pipeline(model, rt.rank, rt.n_stages, rt.device, links), f"{path} (random weights)"
 
 
-def record_cache_bytes(pipeline: Pipeline) -> dict[str, int]:
-    """Wrap this rank's Stage.begin to note the bytes of the KV cache each request allocates."""
-    seen = {"kv_bytes": 0}
-    stage = pipeline.stage
-    begin = stage.begin
+class StageRecorder:
+    """Wraps this rank's Stage: the KV-cache bytes each request allocates, and per request the time
+    spent computing (Stage.run) against the request's span (begin -> end): the stage's utilisation.
+    On CUDA the compute time only counts what the host waits for (kernels are asynchronous)."""
 
-    def wrapped(batch: int, capacity: int, params: GenerationParams) -> None:
-        begin(batch, capacity, params)
-        assert stage.cache is not None
-        seen["kv_bytes"] = max(seen["kv_bytes"], stage.cache.nbytes)
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.kv_bytes = 0
+        self.requests: list[tuple[float, float]] = []  # (busy seconds, span seconds) per request
+        self._busy, self._t0 = 0.0, 0.0
+        stage = pipeline.stage
+        begin, run, end = stage.begin, stage.run, stage.end
 
-    stage.begin = wrapped  # type: ignore[method-assign]
-    return seen
+        def wrapped_begin(batch: int, capacity: int, params: GenerationParams) -> None:
+            begin(batch, capacity, params)
+            assert stage.cache is not None
+            self.kv_bytes = max(self.kv_bytes, stage.cache.nbytes)
+            self._busy, self._t0 = 0.0, time.perf_counter()
+
+        def wrapped_run(rows: slice, x: torch.Tensor, positions: torch.Tensor, sample_now: bool) -> torch.Tensor:
+            t = time.perf_counter()
+            try:
+                return run(rows, x, positions, sample_now)
+            finally:
+                self._busy += time.perf_counter() - t
+
+        def wrapped_end() -> None:
+            end()
+            self.requests.append((self._busy, time.perf_counter() - self._t0))
+
+        stage.begin = wrapped_begin  # type: ignore[method-assign]
+        stage.run = wrapped_run  # type: ignore[method-assign]
+        stage.end = wrapped_end  # type: ignore[method-assign]
 
 
 # -- memory bandwidth ---------------------------------------------------------------------------
@@ -330,6 +351,18 @@ def _permute_for_rotate_half(w: torch.Tensor, n_heads: int, head_dim: int) -> to
     """Mistral's interleaved-pair rotary rows -> Hugging Face's rotate-half rows, per head."""
     dim = w.shape[1]
     return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(n_heads * head_dim, dim)
+
+
+def unpack_linears(model: torch.nn.Module) -> int:
+    """Undo model.cpu_kernels.pack_linears in place (one tensor at a time): plain [out, in] weights
+    that other code (transformers) can use. Returns how many were unpacked."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) and mod.weight.is_mkldnn:
+            mod.weight = torch.nn.Parameter(mod.weight.detach().to_dense(), requires_grad=False)
+            mod.__class__ = torch.nn.Linear
+            n += 1
+    return n
 
 
 def hf_model_from(model: Transformer) -> torch.nn.Module:
@@ -373,6 +406,7 @@ def hf_model_from(model: Transformer) -> torch.nn.Module:
     else:
         config = transformers.MistralConfig(**kwargs)
         cls = transformers.MistralForCausalLM
+    unpack_linears(model)  # the engine is done with it; transformers needs plain weights
     sd = dict(model.state_dict())
     dtype, device = sd["output.weight"].dtype, sd["output.weight"].device
     with torch.device("meta"):
@@ -549,7 +583,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
     model = pipeline.stage.model
     args = model.args
     loaded_rss = current_rss()
-    seen = record_cache_bytes(pipeline)
+    recorder = StageRecorder(pipeline)
 
     progress = Progress(not opts.quiet and rank == 0)
     sampling = SamplingParams(opts.temperature, opts.top_p, opts.seed)
@@ -603,7 +637,8 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         "streamed_bytes": sum(
             p.numel() * p.element_size() for n, p in model.named_parameters() if n != "tok_embeddings.weight"
         ),
-        "kv_bytes": seen["kv_bytes"],
+        "kv_bytes": recorder.kv_bytes,
+        "requests": recorder.requests,
         "load_s": load_s,
         "base_rss_bytes": base_rss,
         "loaded_rss_bytes": loaded_rss,
@@ -619,6 +654,15 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
     if rank != 0:
         return
 
+    names = ["engine"] + (["naive"] if opts.compare_naive else [])
+    for rk in ranks:  # requests in order: warm-ups (per schedule), then the measured runs interleaved
+        reqs = rk.pop("requests")
+        for j, name in enumerate(names):
+            idx = [len(names) * opts.warmup + i * len(names) + j for i in range(opts.repeat)]
+            util = [reqs[k][0] / reqs[k][1] for k in idx if k < len(reqs) and reqs[k][1] > 0]
+            rk.setdefault("utilization", {})[name] = statistics.median(util) if util else None
+    for name in names:
+        result[name]["utilization"] = [rk["utilization"][name] for rk in ranks]
     dtype = next(model.parameters()).dtype
     engine = result["engine"]
     report: dict[str, Any] = {
@@ -713,6 +757,8 @@ def print_report(r: dict[str, Any]) -> None:
             f"engine at {_fmt(r.get('decode_vs_floor'), '.2f')}x"
         )
     print(f"  KV cache              {_fmt_bytes(r['kv_bytes'])} in all")
+    util = ", ".join(_fmt(u, ".0%") for u in r["utilization"])
+    print(f"  stage utilisation     {util} (time in the stage's compute / request time, per rank)")
     for rk in r["ranks"]:
         bw = rk.get("bandwidth")
         print(

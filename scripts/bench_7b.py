@@ -64,7 +64,7 @@ def log(msg: str) -> None:
 
 
 def run_bench(model: Path, p: int, threads: int, batch: int, m: int, a: argparse.Namespace,
-              extra: list[str]) -> dict[str, Any]:  # fmt: skip
+              extra: list[str], env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     flags = ["bench", str(model), "--num_pipeline_ranks", str(p), "--num_microbatches", str(m),
              "--batch_size", str(batch), "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens),
              "--threads", str(threads), "--repeat", str(a.repeat), "--warmup", str(a.warmup), "--json",
@@ -76,13 +76,14 @@ def run_bench(model: Path, p: int, threads: int, batch: int, m: int, a: argparse
                "--master-port", str(free_port()), "-m", "launch", *flags]  # fmt: skip
     log(" ".join(cmd[1:]))
     t0 = time.monotonic()
-    r = subprocess.run(cmd, cwd=REPO, env=env_for(threads), stdout=subprocess.PIPE, stderr=None, text=True,
+    r = subprocess.run(cmd, cwd=REPO, env=env_for(threads) | env, stdout=subprocess.PIPE, stderr=None, text=True,
                        timeout=a.timeout)  # fmt: skip
     if r.returncode != 0:
         raise RuntimeError(f"bench failed with exit code {r.returncode}")
     rep: dict[str, Any] = json.loads(next(x for x in reversed(r.stdout.splitlines()) if x.startswith("{")))
     rep["wall_s"] = time.monotonic() - t0
-    rep["command"] = " ".join(["torchrun", *cmd[3:]] if p > 1 else ["python", *cmd[1:]])
+    prefix = [f"{k}={v}" for k, v in env.items()]
+    rep["command"] = " ".join(prefix + (["torchrun", *cmd[3:]] if p > 1 else ["python", *cmd[1:]]))
     log(f"done in {rep['wall_s']:.0f} s: decode {rep['decode_ms_per_token']:.0f} ms/token/sequence")
     return rep
 
@@ -124,8 +125,8 @@ def markdown(res: dict[str, Any]) -> str:
             "",
             "| run | P | M | batch | threads/rank | load s | TTFT s | prefill tok/s | decode ms/token | decode tok/s "
             "| floor ms/token | vs floor | peak RSS GB per rank | RSS budget GB | weights GB per rank "
-            "| KV MB | CPU busy before % | 1-min load after |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| KV MB | utilisation per rank | CPU busy before % | 1-min load after |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in runs.items():
             ranks = r["ranks"]
@@ -139,7 +140,7 @@ def markdown(res: dict[str, Any]) -> str:
                 f"| {r['prefill_tok_s']:.1f} | {_f(r['decode_ms_per_token'], '.0f')} | {_f(r['decode_tok_s'], '.3f')} "
                 f"| {_f(r.get('decode_floor_ms_per_token'), '.0f')} | {_f(r.get('decode_vs_floor'), '.2f')} "
                 f"| {per_rank('peak_rss_bytes')} | {per_rank('rss_budget_bytes')} | {per_rank('weight_bytes')} "
-                f"| {r['kv_bytes'] / 1e6:.1f} "
+                f"| {r['kv_bytes'] / 1e6:.1f} | {' / '.join(_f(u, '.2f') for u in r.get('utilization', []))} "
                 f"| {_f(r.get('busy_before'), '.0f')} | {_f(r['machine'].get('load_average_1min'))} |"
             )
         lines.append("")
@@ -198,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--new_tokens", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--runs", default="P1_b1,P2_b1,P1_b2,P2_b2", help="which runs, comma-separated")
+    ap.add_argument("--runs", default="P1_b1,P2_b1,P1_b2,P2_b2,P1_b1_passive", help="which runs, comma-separated")
     ap.add_argument("--no_hf", action="store_true", help="skip the transformers peer")
     ap.add_argument("--cache_tokens", type=int, default=32768)
     ap.add_argument("--md", default=None, help="markdown file to write the section into")
@@ -247,7 +248,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "P2_b1": (2, max(1, cores // 2), 1, 1, ["--bandwidth"]),
             "P1_b2": (1, cores, 2, 1, []),
             "P2_b2": (2, max(1, cores // 2), 2, 2, ["--compare_naive"]),
+            # the same as P1_b1 with OpenMP threads that sleep instead of spinning when idle
+            "P1_b1_passive": (1, cores, 1, 1, ["--compare_hf"] if hf else []),
         }
+        env_extra = {"P1_b1_passive": {"OMP_WAIT_POLICY": "PASSIVE"}}
         for name in a.runs.split(","):
             p, threads, batch, m, extra = plan[name]
             need = weights / p + 2 * GB + (0.1 * weights if "--compare_hf" in extra else 0)
@@ -257,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 log(f"skipping {name}: {res['skipped'][name]}")
                 continue
             busy = wait_for_quiet(a.quiet_cpu, a.max_wait) if a.quiet_cpu < 100 else None
-            res["runs"][name] = run_bench(model, p, threads, batch, m, a, extra)
+            res["runs"][name] = run_bench(model, p, threads, batch, m, a, extra, env_extra.get(name, {}))
             res["runs"][name]["busy_before"] = busy
     finally:
         if tmpdir is not None:

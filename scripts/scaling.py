@@ -57,7 +57,7 @@ FIELDS = [
     "peak_rss_max_gb", "weight_gb", "kv_bytes",
     "prefill_eff", "prefill_ideal", "decode_eff", "decode_ideal",
     "naive_prefill_tok_s", "naive_decode_tok_s", "hf_prefill_tok_s", "hf_decode_tok_s",
-    "naive_vs_engine_decode", "hf_vs_engine_decode", "busy_before", "load_avg", "wall_s",
+    "naive_vs_engine_decode", "hf_vs_engine_decode", "utilization", "busy_before", "load_avg", "wall_s",
 ]  # fmt: skip
 
 
@@ -151,6 +151,7 @@ def row_of(rep: dict[str, Any], threads: int | None) -> dict[str, Any]:
         "peak_rss_max_gb": max(rep["peak_rss_bytes"]) / 1e9,
         "weight_gb": rep["weight_bytes"] / 1e9,
         "kv_bytes": rep["kv_bytes"],
+        "utilization": "/".join(f"{u:.2f}" for u in rep.get("utilization", []) if u is not None),
         "naive_prefill_tok_s": naive.get("prefill_tok_s"),
         "naive_decode_tok_s": naive.get("decode_tok_s"),
         "hf_prefill_tok_s": hf.get("prefill_tok_s"),
@@ -174,7 +175,7 @@ def add_efficiency(rows: list[dict[str, Any]]) -> None:
         units = r["M"] * math.ceil(r["prompt_len"] / r["chunk_size"])
         r["prefill_ideal"] = units / (units + r["P"] - 1)
         r["decode_ideal"] = min(r["M"], r["P"]) / r["P"]
-        if ref is None or r is ref:
+        if ref is None or r is ref or r["P"] == 1:
             r["prefill_eff"] = r["decode_eff"] = None
             continue
         r["prefill_eff"] = r["prefill_tok_s"] / (r["P"] * ref["prefill_tok_s"])
@@ -291,8 +292,9 @@ def markdown(rows: list[dict[str, Any]], pngs: list[Path], md: Path, name: str, 
         "min(M, P)/P for decode. Peers: vs engine = peer decode tokens/s / engine decode tokens/s.",
         "",
         "| P | M | batch | threads/rank | TTFT ms | prefill tok/s | decode tok/s | ms/token | prefill eff (ideal) "
-        "| decode eff (ideal) | peak RSS GB (max rank) | KV MB | naive vs engine | HF vs engine |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| decode eff (ideal) | utilisation per rank | peak RSS GB (max rank) | KV MB | naive vs engine "
+        "| HF vs engine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["batch"], r["P"], r["threads"], r["M"])):
         ref = " *ref*" if r["_ref"] else ""
@@ -301,7 +303,7 @@ def markdown(rows: list[dict[str, Any]], pngs: list[Path], md: Path, name: str, 
             f"| {_f(r['prefill_tok_s'])} | {_f(r['decode_tok_s'])} | {_f(r['decode_ms_per_token'], '.2f')} "
             f"| {_f(r['prefill_eff'], '.2f')} ({_f(r['prefill_ideal'], '.2f')}) "
             f"| {_f(r['decode_eff'], '.2f')} ({_f(r['decode_ideal'], '.2f')}) "
-            f"| {_f(r['peak_rss_max_gb'], '.3f')} | {_f(r['kv_bytes'] / 1e6, '.2f')} "
+            f"| {r['utilization'] or '-'} | {_f(r['peak_rss_max_gb'], '.3f')} | {_f(r['kv_bytes'] / 1e6, '.2f')} "
             f"| {_f(r['naive_vs_engine_decode'], '.2f')} | {_f(r['hf_vs_engine_decode'], '.2f')} |"
         )
     # Equal resources: P stages of one core's threads each against P = 1 with all of them.

@@ -24,7 +24,7 @@ TINY = REPO / "configs" / "tiny.json"
 TIMING_KEYS = ("ttft_s", "prefill_s", "prefill_tok_s", "decode_s", "decode_tok_s", "decode_ms_per_token", "total_s")
 RANK_KEYS = ("rank", "layers", "n_layers", "threads", "weight_bytes", "streamed_bytes", "kv_bytes", "load_s",
              "base_rss_bytes", "loaded_rss_bytes", "peak_rss_bytes", "gpu_peak_bytes", "rss_budget_bytes",
-             "rss_within_budget")  # fmt: skip
+             "rss_within_budget", "utilization")  # fmt: skip
 
 
 def clean_env() -> dict[str, str]:
@@ -100,6 +100,8 @@ def check_report(r: dict[str, Any], batch: int, prompt_len: int, new_tokens: int
         assert rk["rss_within_budget"] == (rk["peak_rss_bytes"] <= rk["rss_budget_bytes"])
         bw = rk["bandwidth"]
         assert positive(bw["copy_gbs"]) and positive(bw["read_gbs"]) and positive(bw["buffer_bytes"])
+    for x in (r, r["peers"]["naive"]):
+        assert len(x["utilization"]) == p and all(0 < u <= 1 for u in x["utilization"])
     assert r["kv_bytes"] == sum(x["kv_bytes"] for x in r["ranks"])
     assert r["weight_bytes"] == stage_weight_bytes(args, range(args.n_layers), True, True, 4)
     assert r["peak_rss_bytes"] == [x["peak_rss_bytes"] for x in r["ranks"]]
@@ -147,16 +149,21 @@ def test_bench_model_dir_and_table(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is an optional extra")
-@pytest.mark.parametrize("config", ["tiny.json", "tiny-moe.json"])
-def test_bench_compare_transformers(config: str) -> None:
+@pytest.mark.parametrize("config, dtype", [("tiny.json", "float32"), ("tiny-moe.json", "float32"),
+                                           ("tiny.json", "bfloat16")])  # fmt: skip
+def test_bench_compare_transformers(config: str, dtype: str) -> None:
+    """bf16 covers the engine's packed oneDNN linears, unpacked again for transformers."""
     r = bench("--config", REPO / "configs" / config, "--prompt_len", 12, "--new_tokens", 6, "--batch_size", 2,
-              "--threads", 1, "--json", "--compare_hf")  # fmt: skip
+              "--threads", 1, "--json", "--compare_hf", "--dtype", dtype)  # fmt: skip
     assert r.returncode == 0, r.stderr
     rep = report_of(r.stdout)
+    assert rep["dtype"] == dtype
     hf = rep["peers"]["transformers"]
     check_timing(hf, 2, 12, 6)
     assert hf["version"]
-    assert hf["tokens_agree"] == 1.0  # same weights, greedy, fp32: the conversion is right
+    if dtype == "float32":
+        assert hf["tokens_agree"] == 1.0  # same weights, greedy, fp32: the conversion is right
+    assert 0 <= hf["tokens_agree"] <= 1
     assert all(positive(v) for v in hf["vs_engine"].values())
 
 
