@@ -21,7 +21,7 @@ class RunOptions:
     num_microbatches: int | None = None  # micro-batches a batch is cut into; unset: the number of stages
     chunk_size: int | None = None  # prefill chunk length in tokens; unset: the sliding window, else 1024
     layer_split: str | None = None  # layers per stage, e.g. 3,4,4,3; unset: balanced by cost
-    # dtype the weights are converted to and the model computes in; unset: the checkpoint's
+    # dtype the weights are converted to and the model computes in; unset: the checkpoint's (bf16 on CUDA)
     dtype: str | None = field(default=None, choices=["float32", "bfloat16", "float16"])
     device: str = field(default="auto", choices=["auto", "cpu", "cuda"])  # auto: cuda:<local rank> if present
     attention: str = field(default="auto", choices=["auto", "sdpa", "xformers"])  # attention kernel

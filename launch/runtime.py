@@ -108,9 +108,10 @@ class Runtime:
         split = stage_layers(args.n_layers, self.n_stages, self.opts.layer_split)
         first, last = self.rank == 0, self.rank == self.n_stages - 1
         progress = (lambda m: log(f"[rank {self.rank}] {m}")) if self.rank == 0 or self.topo.world_size <= 8 else None
-        model = load_stage(
-            model_dir, split[self.rank], first, last, parse_dtype(self.opts.dtype), self.device, progress
-        )
+        dtype = parse_dtype(self.opts.dtype)
+        if dtype is None and self.device.type == "cuda":
+            dtype = torch.bfloat16  # GPUs default to bf16 whatever the checkpoint holds
+        model = load_stage(model_dir, split[self.rank], first, last, dtype, self.device, progress)
         if self.rank == 0:
             print_split(args, split, next(model.parameters()).element_size())
         model.attention = get_backend(self.opts.attention, self.device)
