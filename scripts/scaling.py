@@ -192,6 +192,24 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({**{k: r.get(k) for k in FIELDS}, "reference": int(r["_ref"])})
 
 
+def read_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV written by write_csv, numbers as numbers (for --replot)."""
+    rows = []
+    with open(path, newline="") as f:
+        for raw in csv.DictReader(f):
+            row: dict[str, Any] = {}
+            for k, v in raw.items():
+                if v == "":
+                    row[k] = None
+                elif k in ("device", "dtype", "utilization"):
+                    row[k] = v
+                else:
+                    row[k] = float(v) if any(c in v for c in ".e") or v in ("inf", "nan") else int(v)
+            row["_ref"] = bool(row.pop("reference"))
+            rows.append(row)
+    return rows
+
+
 def plot(rows: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
     import matplotlib
 
@@ -205,15 +223,22 @@ def plot(rows: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
     ps, ms = sorted({r["P"] for r in main}), sorted({r["M"] for r in main})
     files = []
 
-    # 1. throughput vs P, one line per M, at the largest batch; the ideal is P x the reference.
+    # 1. throughput vs P at the largest batch. Every series starts at the single-stage reference
+    # (P = 1 with one rank's threads) so that P is the only change along a line; the ideal is
+    # P x the reference; P = 1 with all the machine's threads is a separate marker.
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ref = refs.get(bmax)
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
+        start = [(1, ref[key])] if ref is not None and ref[key] else []
         for m in ms:
-            pts = sorted((r["P"], r[key]) for r in main if r["M"] == m and r["batch"] == bmax and r[key])
+            pts = sorted((r["P"], r[key]) for r in main if r["M"] == m and r["P"] > 1 and r["batch"] == bmax and r[key])
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=f"M={m}")
-        if bmax in refs and refs[bmax][key]:
-            ax.plot(ps, [p * refs[bmax][key] for p in ps], "k--", label="P x single stage (ideal)")
+                ax.plot(*zip(*(start + pts), strict=True), marker="o", label=f"M={m}")
+        if start:
+            ax.plot(ps, [p * start[0][1] for p in ps], "k--", label="P x single stage (ideal)")
+        for r in main:
+            if r["P"] == 1 and r["batch"] == bmax and r[key] and r is not ref:
+                ax.plot([1], [r[key]], "k*", markersize=10, label=f"P=1, {r['threads']} threads")
         ax.set(title=f"{title}, batch {bmax}", xlabel="pipeline stages P", ylabel="tokens/s", xticks=ps)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -364,9 +389,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--md", default=None, help="markdown file to write the section into (default: OUT/benchmarks.md)")
     ap.add_argument("--name", default=None, help="name of this matrix in file names (default: the config's)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per bench job")
+    ap.add_argument("--replot", default=None, help="only draw the PNGs again from this CSV (written by a run)")
     ap.add_argument("--quiet_cpu", type=float, default=100, help="before each job wait until CPUs are <= this %% busy")
     ap.add_argument("--max_wait", type=float, default=300, help="the longest wait for --quiet_cpu, seconds")
     a = ap.parse_args(argv)
+
+    if a.replot:
+        old = read_csv(Path(a.replot))
+        pngs = plot(old, Path(a.out), a.name or Path(a.replot).stem)
+        print(f"wrote {', '.join(map(str, pngs))}", file=sys.stderr)
+        return old
 
     import torch
 
