@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,26 +29,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from scaling import free_port, wait_for_quiet  # scripts/ is on sys.path when run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
-
-
-def wait_for_quiet(max_busy: float, max_wait: float) -> float:
-    """Wait (up to max_wait s) until the machine's CPUs are at most max_busy % busy; returns the last reading.
-    Other jobs on a shared machine would otherwise be measured along with the engine."""
-    import psutil
-
-    t0 = time.monotonic()
-    while True:
-        busy = float(psutil.cpu_percent(interval=2.0))
-        if busy <= max_busy or time.monotonic() - t0 >= max_wait:
-            return busy
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def env_for(threads: int) -> dict[str, str]:

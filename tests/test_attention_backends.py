@@ -24,7 +24,6 @@ from distributed.pipeline import GenerationParams, Pipeline
 from model.args import ConfigError, ModelArgs
 from model.attention import XformersAttention, XformersPlan, _padded_rows, get_backend, sdpa_attention, xformers_plan
 from model.cache import RollingCache, StepContext, cache_capacity, mask_rule
-from model.checkpoint import expected_shapes
 from model.transformer import Transformer
 
 pytestmark = pytest.mark.timeout(240)
@@ -49,18 +48,10 @@ def xformers_bias_module() -> Any:
 def build_model(params: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> Transformer:
     """A model with random weights of unit-scale activations (peaked logits)."""
-    args = ModelArgs.from_dict(params)
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in expected_shapes(args).items():
-        if name.endswith("norm.weight"):
-            state[name] = 1 + 0.1 * torch.randn(shape, generator=g)
-        elif name == "tok_embeddings.weight":
-            state[name] = torch.randn(shape, generator=g)
-        else:
-            state[name] = torch.randn(shape, generator=g) / math.sqrt(shape[1])
-    model = Transformer(args)
-    model.load_state_dict(state)
+    from common import random_state
+
+    model = Transformer(ModelArgs.from_dict(params))
+    model.load_state_dict(random_state(params, seed))
     return model.to(device=device, dtype=dtype).eval()
 
 
