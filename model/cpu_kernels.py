@@ -41,3 +41,15 @@ def pack_linears(model: nn.Module) -> int:
             mod.__class__ = PackedLinear
             packed += 1
     return packed
+
+
+def unpack_linears(model: nn.Module) -> int:
+    """Undo model.cpu_kernels.pack_linears in place (one tensor at a time): plain [out, in] weights
+    that other code (transformers) can use. Returns how many were unpacked."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear) and mod.weight.is_mkldnn:
+            mod.weight = nn.Parameter(mod.weight.detach().to_dense(), requires_grad=False)
+            mod.__class__ = nn.Linear
+            n += 1
+    return n
