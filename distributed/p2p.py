@@ -12,7 +12,10 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-HEADER_LEN = 8
+HEADER_LEN = 8  # int64 fields: kind and what the receiver needs to know the shapes
+# A unit's positions ride in the header message when they fit (every decode step does), which
+# saves one message per hop: on CPU each gloo message costs a wake-up of the receiving thread.
+INLINE_POSITIONS = 120
 
 
 class Kind(IntEnum):
@@ -87,13 +90,21 @@ class Links:
         self._pending = []
 
     # -- the messages -------------------------------------------------------------------------
-    def send_header(self, fields: list[int]) -> None:
-        h = torch.zeros(HEADER_LEN, dtype=torch.long)
+    def send_header(self, fields: list[int], positions: torch.Tensor | None = None) -> None:
+        """fields, and positions [B, T] inline when given (the caller checks they fit)."""
+        h = torch.zeros(HEADER_LEN + INLINE_POSITIONS, dtype=torch.long)
         h[: len(fields)] = torch.tensor(fields, dtype=torch.long)
-        self._isend(h.to(self.device), self.rank + 1, "sending a header")
+        if positions is not None:
+            h[HEADER_LEN : HEADER_LEN + positions.numel()] = positions.flatten()
+        self.forward_header(h.to(self.device))
 
-    def recv_header(self) -> list[int]:
-        return self._recv((HEADER_LEN,), torch.long, self.rank - 1, "waiting for the next message").tolist()
+    def forward_header(self, raw: torch.Tensor) -> None:
+        self._isend(raw, self.rank + 1, "sending a header")
+
+    def recv_header(self) -> tuple[list[int], torch.Tensor]:
+        """The fields, and the raw message (to forward as is, or to read inline positions from)."""
+        raw = self._recv((HEADER_LEN + INLINE_POSITIONS,), torch.long, self.rank - 1, "waiting for the next message")
+        return raw[:HEADER_LEN].tolist(), raw
 
     def send_tensor(self, t: torch.Tensor) -> None:
         self._isend(t, self.rank + 1, f"sending {tuple(t.shape)} activations")

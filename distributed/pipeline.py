@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distributed.p2p import Kind, Links
+from distributed.p2p import HEADER_LEN, INLINE_POSITIONS, Kind, Links
 from model.cache import RollingCache, cache_capacity
 from model.sampling import SamplingParams, sample
 from model.transformer import Transformer
@@ -224,8 +224,10 @@ class Pipeline:
                 self._local.append(out)
             return
         b, t = positions.shape
-        self.links.send_header([Kind.UNIT, unit.mb, b, t, int(unit.sample)])
-        self.links.send_tensor(positions)
+        inline = b * t <= INLINE_POSITIONS
+        self.links.send_header([Kind.UNIT, unit.mb, b, t, int(unit.sample)], unit.positions if inline else None)
+        if not inline:
+            self.links.send_tensor(positions)
         self.links.send_tensor(out)
 
     def _result(self, batch: int) -> torch.Tensor:
@@ -248,16 +250,21 @@ class Pipeline:
         assert self.links is not None and self.index > 0
         links = self.links
         while True:
-            h = links.recv_header()
+            h, raw = links.recv_header()
             kind = Kind(h[0])
             if kind == Kind.UNIT:
                 mb, b, t, sample_now = h[1:5]
-                positions = links.recv_tensor((b, t), torch.long)
+                inline = b * t <= INLINE_POSITIONS
+                if inline:
+                    positions = raw[HEADER_LEN : HEADER_LEN + b * t].view(b, t)
+                else:
+                    positions = links.recv_tensor((b, t), torch.long)
                 x = links.recv_tensor((b, t, self.dim), self.stage.dtype)
                 out = self.stage.run(self._groups[mb], x, positions, bool(sample_now))
                 if not self.is_last:
-                    links.send_header(h)
-                    links.send_tensor(positions)
+                    links.forward_header(raw)
+                    if not inline:
+                        links.send_tensor(positions)
                     links.send_tensor(out)
                 elif sample_now:
                     links.send_tokens(out)
@@ -275,7 +282,7 @@ class Pipeline:
             elif kind == Kind.END:
                 self.stage.end()
             if not self.is_last:
-                links.send_header(h)
+                links.forward_header(raw)
                 if kind == Kind.BEGIN:
                     links.send_tensor(torch.tensor([temperature, top_p], dtype=torch.float64, device=self.device))
             if kind in (Kind.END, Kind.STOP):
