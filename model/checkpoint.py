@@ -11,7 +11,6 @@ import math
 import pickle
 import shutil
 import struct
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,7 +23,6 @@ from model.transformer import Transformer
 
 WEIGHT_FILES = ("consolidated.safetensors", "consolidated.00.pth")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 PROGRESS_MIN_BYTES = 256 << 20  # loads smaller than this are quiet
 
 
@@ -240,7 +238,7 @@ def write_safetensors(
     for name, shape in names_shapes.items():
         n = math.prod(shape) * size
         header[name] = {
-            "dtype": _ST_DTYPES[dtype],
+            "dtype": next(k for k, v in _ST_TO_TORCH.items() if v == dtype),
             "shape": list(shape),
             "data_offsets": [offset, offset + n],
         }
@@ -264,13 +262,18 @@ def save_checkpoint(
 ) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "params.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
     if fmt == "pth":
         torch.save({k: v.contiguous() for k, v in state.items()}, out / "consolidated.00.pth")
     else:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "consolidated.safetensors"))
+    return _write_side_files(out, args, tokenizer)
+
+
+def _write_side_files(out: Path, args: ModelArgs, tokenizer: str | Path | None) -> Path:
+    """params.json and (when given) tokenizer.model beside the weights."""
+    (out / "params.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
     if tokenizer is not None:
         shutil.copyfile(tokenizer, out / "tokenizer.model")
     return out
@@ -292,11 +295,4 @@ def make_random_checkpoint(
     tmp = out / "consolidated.safetensors.partial"
     write_safetensors(tmp, expected_shapes(args), dtype, _random_tensors(args, dtype, seed))
     tmp.replace(out / "consolidated.safetensors")  # never leave a half-written file under the real name
-    (out / "params.json").write_text(json.dumps(args.to_dict(), indent=2) + "\n")
-    if tokenizer is not None:
-        shutil.copyfile(tokenizer, out / "tokenizer.model")
-    return out
-
-
-def stderr_progress(msg: str) -> None:
-    print(f"\r{msg}", end="", file=sys.stderr, flush=True)
+    return _write_side_files(out, args, tokenizer)
