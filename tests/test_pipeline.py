@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from common import CONFIGS, prompts, random_state, write_model
 from hf_reference import build_hf_model
-from launchers import torchrun
+from launchers import REPO, base_env, torchrun
 
 from distributed.pipeline import GenerationParams, Pipeline
 from model.checkpoint import load_stage
@@ -77,3 +79,37 @@ def test_uneven_layer_split(model: tuple[str, Path, dict], tmp_path: Path) -> No
     assert proc.returncode == 0, err[-3000:]
     got = json.loads(out.read_text())
     assert got["greedy m=2 c=0"] == ref["greedy"]
+
+
+def run_cli(args: list[str], stages: int, stdin: str | None = None) -> tuple[int, str, str]:
+    """`python -m launch ...` as one process or under torchrun with `stages` ranks."""
+    if stages == 1:
+        r = subprocess.run([sys.executable, "-m", "launch", *args], cwd=REPO, env=base_env(), input=stdin,
+                           capture_output=True, text=True, timeout=100)
+        return r.returncode, r.stdout, r.stderr
+    proc = torchrun(stages, ["-m", "launch", *args, "--num_pipeline_ranks", str(stages)],
+                    stdin=None if stdin is None else subprocess.PIPE)
+    out, err = proc.communicate(input=stdin, timeout=100)
+    return proc.returncode, out, err
+
+
+@pytest.mark.timeout(240)
+def test_cli_generate_and_interactive_under_torchrun(model: tuple[str, Path, dict], tmp_path: Path) -> None:
+    """Rank 0 writes generate's file and streams interactive's tokens; the other rank follows and
+    quitting (EOF) ends every rank cleanly with the same text as one process."""
+    _, path, _ = model
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"tokens": p}) + "\n" for p in PROMPTS))
+    outputs = {}
+    for stages in (1, 2):
+        out = tmp_path / f"out{stages}.jsonl"
+        rc, _, err = run_cli(["generate", str(path), "--input", str(inp), "--output", str(out),
+                              "--max_tokens", "12"], stages)
+        assert rc == 0, err[-2000:]
+        rc, stdout, err = run_cli(["interactive", str(path), "--max_tokens", "12"], stages,
+                                  stdin="Once upon a time\nThe sea\n")
+        assert rc == 0, err[-2000:]
+        outputs[stages] = (out.read_text(), stdout)
+    assert outputs[1] == outputs[2]
+    assert len(outputs[2][0].splitlines()) == len(PROMPTS)
+    assert outputs[2][1].count("> ") >= 2  # two answers streamed, then the prompt for the next
