@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scaling import free_port, wait_for_quiet  # scripts/ is on sys.path when run as a script
+from scaling import free_port, wait_for_quiet, write_section  # scripts/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -162,17 +162,6 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(md: Path, body: str) -> None:
-    begin, end = "<!-- bench7b:begin -->", "<!-- bench7b:end -->"
-    block = f"{begin}\n{body}\n{end}"
-    text = md.read_text() if md.is_file() else "# Benchmarks\n\n"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    md.write_text(text)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "configs" / "mistral-7b.json"))
@@ -253,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(res, indent=1))
     if a.md:
-        write_section(Path(a.md), markdown(res))
+        write_section(Path(a.md), "bench7b", markdown(res))
     print(json.dumps(res))
     return res
 

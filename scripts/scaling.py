@@ -357,8 +357,9 @@ def markdown(rows: list[dict[str, Any]], pngs: list[Path], md: Path, name: str, 
     return "\n".join(lines)
 
 
-def write_section(md: Path, name: str, body: str) -> None:
-    begin, end = f"<!-- scaling:{name}:begin -->", f"<!-- scaling:{name}:end -->"
+def write_section(md: Path, tag: str, body: str) -> None:
+    """Replace (or append) the block between `<!-- {tag}:begin -->` and `<!-- {tag}:end -->` in md."""
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
     block = f"{begin}\n{body}\n{end}"
     text = md.read_text() if md.is_file() else "# Benchmarks\n\n"
     if begin in text and end in text:
@@ -439,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     pngs = plot(rows, out, name)
     md = Path(a.md) if a.md else out / "benchmarks.md"
     command = "python scripts/scaling.py " + " ".join(sys.argv[1:] if argv is None else list(argv))
-    write_section(md, name, markdown(rows, pngs, md, name, command, a.config, config_args, cores))
+    write_section(md, f"scaling:{name}", markdown(rows, pngs, md, name, command, a.config, config_args, cores))
     print(f"wrote {csv_path}, {', '.join(map(str, pngs))}, {md}", file=sys.stderr)
     return rows
 

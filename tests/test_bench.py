@@ -238,5 +238,5 @@ def test_scaling_script_tiny_matrix(tmp_path: Path) -> None:
     again = scaling.main(["--replot", str(tmp_path / "tiny.csv"), "--out", str(tmp_path / "re"), "--name", "tiny"])
     assert [r["decode_tok_s"] for r in again] == pytest.approx([float(r["decode_tok_s"]) for r in table])
     assert (tmp_path / "re" / "tiny_efficiency.png").read_bytes()[:4] == b"\x89PNG"
-    scaling.write_section(md, "tiny", "replaced")  # a second run replaces the section, keeps the rest
+    scaling.write_section(md, "scaling:tiny", "replaced")  # a second run replaces the section, keeps the rest
     assert "hand-written text stays" in md.read_text() and "| P | M |" not in md.read_text()
