@@ -33,7 +33,7 @@ class GenerationParams:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     chunk_size: int | None = None  # None: the sliding window (or DEFAULT_CHUNK_NO_WINDOW)
     num_microbatches: int | None = None  # None: the number of stages
-    eos_id: int | None = 2
+    eos_ids: tuple[int, ...] = (2,)  # any of these ends a sequence (not included in the output)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -104,7 +104,11 @@ class Stage:
         tokens = sample(self.logits[rows], p.sampling, list(range(rows.start, rows.stop)), steps)
         done_before = self.done[rows].clone()  # a copy: self.done[rows] is overwritten below
         count = self.count[rows] + (~done_before).long()
-        eos = ~done_before & (tokens == p.eos_id) if p.eos_id is not None else torch.zeros_like(done_before)
+        if p.eos_ids:
+            eos_t = torch.tensor(p.eos_ids, dtype=tokens.dtype, device=tokens.device)
+            eos = ~done_before & torch.isin(tokens, eos_t)
+        else:
+            eos = torch.zeros_like(done_before)
         done = done_before | eos | (count >= p.max_tokens)
         self.count[rows], self.done[rows] = count, done
         tokens = torch.where(done_before | eos, torch.full_like(tokens, -1), tokens)
@@ -205,9 +209,11 @@ class Pipeline:
         self.stage.begin(batch, capacity, params)
         if self.links is not None:
             s = params.sampling
-            eos = -1 if params.eos_id is None else params.eos_id
-            self.links.send_header([Kind.BEGIN, batch, n_groups, capacity, params.max_tokens, eos, s.seed])
-            self.links.send_tensor(torch.tensor([s.temperature, s.top_p], dtype=torch.float64, device=self.device))
+            n_eos = len(params.eos_ids)
+            self.links.send_header([Kind.BEGIN, batch, n_groups, capacity, params.max_tokens, n_eos, s.seed])
+            # Sampling parameters and EOS ids (exact in float64) in one message.
+            floats = [s.temperature, s.top_p, *map(float, params.eos_ids)]
+            self.links.send_tensor(torch.tensor(floats, dtype=torch.float64, device=self.device))
 
     def _end(self) -> None:
         self.stage.end()
@@ -270,12 +276,13 @@ class Pipeline:
                     links.send_tokens(out)
                 continue
             if kind == Kind.BEGIN:
-                batch, n_groups, capacity, max_tokens, eos, seed = h[1:7]
-                temperature, top_p = links.recv_tensor((2,), torch.float64).tolist()
+                batch, n_groups, capacity, max_tokens, n_eos, seed = h[1:7]
+                floats = links.recv_tensor((2 + n_eos,), torch.float64)
+                temperature, top_p, *eos = floats.tolist()
                 params = GenerationParams(
                     max_tokens=max_tokens,
                     sampling=SamplingParams(temperature, top_p, seed),
-                    eos_id=None if eos < 0 else eos,
+                    eos_ids=tuple(int(e) for e in eos),
                 )
                 self._groups = split_rows(batch, n_groups)
                 self.stage.begin(batch, capacity, params)
@@ -284,7 +291,7 @@ class Pipeline:
             if not self.is_last:
                 links.forward_header(raw)
                 if kind == Kind.BEGIN:
-                    links.send_tensor(torch.tensor([temperature, top_p], dtype=torch.float64, device=self.device))
+                    links.send_tensor(floats)
             if kind in (Kind.END, Kind.STOP):
                 links.flush()
             if kind == Kind.STOP:

@@ -5,7 +5,7 @@
 
 The model is either a checkpoint directory or a params.json-style config (`--config`) whose
 stage is built with random weights in memory, each rank only its own share (nothing on disk).
-Every generation runs with eos_id=None, so each sequence produces exactly --new_tokens tokens.
+Every generation runs with eos_ids=(), so each sequence produces exactly --new_tokens tokens.
 
 Timing (rank 0, from the token callbacks of Pipeline.generate):
   ttft_s         start -> first token of any sequence
@@ -261,7 +261,9 @@ def build_pipeline(rt: Runtime, opts: BenchOptions) -> tuple[Pipeline, str]:
     """The rank's stage from a model directory or from --config (random weights)."""
     if opts.config is None:
         assert opts.model_dir is not None
-        return rt.load(Path(opts.model_dir)), str(opts.model_dir)
+        from model.formats import open_source
+
+        return rt.load(open_source(opts.model_dir)), str(opts.model_dir)
     path = Path(opts.config)
     if not path.is_file():
         raise ConfigError(f"--config {path} does not exist (see configs/ for presets)")
@@ -431,7 +433,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         sampling=sampling,
         chunk_size=opts.chunk_size,
         num_microbatches=opts.num_microbatches,
-        eos_id=None,
+        eos_ids=(),
     )
     naive = replace(params, chunk_size=opts.prompt_len, num_microbatches=1)
     result: dict[str, Any] = {}

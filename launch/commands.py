@@ -14,6 +14,7 @@ from distributed.pipeline import Pipeline
 from launch.options import GenerateOptions, InteractiveOptions, RunOptions
 from launch.runtime import Runtime, log
 from model.args import ConfigError
+from model.formats import open_source
 from model.tokenizer import StreamDecoder, Tokenizer
 
 DEMO_PROMPTS = [
@@ -48,7 +49,7 @@ def read_jsonl(path: Path, tok: Tokenizer, instruct: bool) -> list[list[int]]:
         if "prompt" in obj:
             if not isinstance(obj["prompt"], str) or not obj["prompt"]:
                 raise ConfigError(f'{where}: "prompt" must be a non-empty string')
-            prompts.append(tok.encode(tok.instruct(obj["prompt"]) if instruct else obj["prompt"]))
+            prompts.append(tok.encode_instruct(obj["prompt"]) if instruct else tok.encode(obj["prompt"]))
         else:
             ids = obj["tokens"]
             if (
@@ -70,8 +71,8 @@ def check_vocab(tok: Tokenizer, pipeline: Pipeline) -> None:
     vocab = pipeline.stage.model.args.vocab_size
     if tok.n_words != vocab:
         raise ConfigError(
-            f"the tokenizer has {tok.n_words} pieces but params.json's vocab_size is {vocab}; "
-            "use the tokenizer.model that belongs to these weights"
+            f"the tokenizer has {tok.n_words} pieces but the model's vocab_size is {vocab}; "
+            "use the tokenizer that belongs to these weights"
         )
 
 
@@ -83,9 +84,10 @@ class Command:
         self.tok: Tokenizer | None = None
 
     def prepare(self) -> Pipeline:
+        source = open_source(self.model_dir)
         if self.rt.rank == 0:
-            self.tok = Tokenizer.from_dir(self.model_dir)
-        pipeline = self.rt.load(self.model_dir)
+            self.tok = source.tokenizer()
+        pipeline = self.rt.load(source)
         if self.tok is not None:
             check_vocab(self.tok, pipeline)
         return pipeline
@@ -97,7 +99,7 @@ class Command:
 class Demo(Command):
     def run(self, pipeline: Pipeline) -> None:
         assert self.tok is not None
-        tok, params = self.tok, self.rt.generation_params()
+        tok, params = self.tok, self.rt.generation_params(self.tok.eos_ids)
         prompts = [tok.encode(p) for p in DEMO_PROMPTS]
         first: list[float] = []
         t0 = time.perf_counter()
@@ -138,7 +140,7 @@ class Generate(Command):
 
     def run(self, pipeline: Pipeline) -> None:
         assert self.tok is not None
-        params, bs = self.rt.generation_params(), self.opts.batch_size
+        params, bs = self.rt.generation_params(self.tok.eos_ids), self.opts.batch_size
         out = Path(self.opts.output)
         tmp = out.with_name(out.name + ".partial")
         t0, n = time.perf_counter(), 0
@@ -197,14 +199,13 @@ class Interactive(Command):
                 return
             if not line.strip():
                 continue
-            self._stream(pipeline, tok.encode(tok.instruct(line) if self.instruct else line))
+            self._stream(pipeline, tok.encode_instruct(line) if self.instruct else tok.encode(line))
 
     def _stream(self, pipeline: Pipeline, prompt: list[int]) -> None:
         assert self.tok is not None
         stream = StreamDecoder(self.tok)
-        pipeline.generate(
-            [prompt], self.rt.generation_params(), on_token=lambda b, t: print(stream.push(t), end="", flush=True)
-        )
+        params = self.rt.generation_params(self.tok.eos_ids)
+        pipeline.generate([prompt], params, on_token=lambda b, t: print(stream.push(t), end="", flush=True))
         print(stream.flush(), flush=True)
 
 

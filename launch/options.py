@@ -11,8 +11,11 @@ from simple_parsing import field
 class RunOptions:
     """Options shared by every command that runs a model."""
 
-    # directory with params.json, consolidated.safetensors (or .00.pth) and tokenizer.model
-    model_dir: str | None = field(default=None, positional=True, nargs="?", metavar="model_dir")
+    # the model: a Mistral-native directory (params.json), a Hugging Face directory (config.json +
+    # safetensors) or a .gguf file; the format is detected
+    model_dir: str | None = field(default=None, positional=True, nargs="?", metavar="model")
+    lora: str | None = None  # LoRA adapter merged at load: a PEFT adapter directory or Mistral's lora.safetensors
+    lora_scale: float = 2.0  # scaling of a Mistral-format lora.safetensors (PEFT adapters carry their own)
     max_tokens: int = 64  # tokens to generate per prompt (generation also stops at EOS)
     temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from model.args import ConfigError, ModelArgs
 from model.attention import get_backend
 from model.checkpoint import expected_shapes, load_stage, parse_dtype
 from model.cpu_kernels import pack_linears
+from model.formats import Source
 from model.sampling import SamplingParams
 
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.json"
@@ -36,6 +38,7 @@ class Runtime:
     device: torch.device
     opts: RunOptions
     control: dist.ProcessGroup | None = None  # gloo group for agreeing on errors
+    load_seconds: float = 0.0
 
     @property
     def rank(self) -> int:
@@ -91,27 +94,35 @@ class Runtime:
             r, e = bad[0]
             raise ConfigError(e if r == self.rank else f"rank {r}: {e}")
 
-    def generation_params(self) -> GenerationParams:
+    def generation_params(self, eos_ids: tuple[int, ...]) -> GenerationParams:
         o = self.opts
         return GenerationParams(
             max_tokens=o.max_tokens,
+            eos_ids=eos_ids,
             sampling=SamplingParams(o.temperature, o.top_p, o.seed),
             chunk_size=o.chunk_size,
             num_microbatches=o.num_microbatches,
         )
 
-    def load(self, model_dir: Path) -> Pipeline:
+    def load(self, source: Source) -> Pipeline:
         """Build and load this rank's stage; returns the pipeline it takes part in."""
-        args = ModelArgs.from_json(model_dir / "params.json") if model_dir.is_dir() else None
-        if args is None:
-            raise ConfigError(f"model directory {model_dir} does not exist")
+        args = source.args
+        lora = None
+        if self.opts.lora:
+            from model.formats.lora import LoraAdapter
+
+            lora = LoraAdapter.load(Path(self.opts.lora), args, scale=self.opts.lora_scale)
         split = stage_layers(args.n_layers, self.n_stages, self.opts.layer_split)
         first, last = self.rank == 0, self.rank == self.n_stages - 1
         progress = (lambda m: log(f"[rank {self.rank}] {m}")) if self.rank == 0 or self.topo.world_size <= 8 else None
         dtype = parse_dtype(self.opts.dtype)
         if dtype is None and self.device.type == "cuda":
             dtype = torch.bfloat16  # GPUs default to bf16 whatever the checkpoint holds
-        model = load_stage(model_dir, split[self.rank], first, last, dtype, self.device, progress)
+        if dtype is None and source.kind == "gguf":
+            dtype = torch.float32  # quantized GGUF tensors are dequantized; keep their values exact
+        t0 = time.monotonic()
+        model = load_stage(source, split[self.rank], first, last, dtype, self.device, progress, lora)
+        self.load_seconds = time.monotonic() - t0
         if self.rank == 0:
             print_split(args, split, next(model.parameters()).element_size())
         model.attention = get_backend(self.opts.attention, self.device)

@@ -1,8 +1,15 @@
-"""SentencePiece tokenizer (Mistral's ``tokenizer.model``), the instruct template, streaming decode."""
+"""Tokenizers behind one interface, the instruct/chat prompt, streaming decode.
+
+``Tokenizer`` is the interface every command uses. ``SentencePieceTokenizer`` reads Mistral's
+``tokenizer.model``; ``HFTokenizer`` (model/hf_tokenizer.py) reads ``tokenizer.json`` through the
+``tokenizers`` library, and a GGUF file's vocabulary is turned into one (model/formats/gguf_vocab.py).
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 
@@ -41,7 +48,79 @@ def find_tokenizer_file(model_dir: str | Path) -> Path:
     raise ConfigError(f"no SentencePiece tokenizer in {model_dir}: expected one of {expected}{hint}")
 
 
-class Tokenizer:
+Message = dict[str, Any]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+class Tokenizer(ABC):
+    """What the engine needs of a tokenizer, whatever file it came from."""
+
+    path: Path
+
+    @property
+    @abstractmethod
+    def n_words(self) -> int:
+        """Ids [0, n_words) decode; the model's vocab_size may be larger (padded embeddings)."""
+
+    @property
+    @abstractmethod
+    def bos_id(self) -> int | None: ...
+
+    @property
+    @abstractmethod
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation (generation_config.json may list several)."""
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.eos_ids[0] if self.eos_ids else None
+
+    @abstractmethod
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        """Ids for text; with bos=True, the special tokens the model's tokenizer adds (BOS where it adds one)."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text for ids; special/control tokens (BOS, EOS, chat markers) decode to nothing."""
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        """A conversation, ready for the assistant's reply: the model's chat template where it has
+        one (rendered as transformers does), else Mistral's ``[INST] ... [/INST]`` format."""
+        return self.encode(mistral_instruct(messages), bos=True)
+
+    def encode_instruct(self, prompt: str) -> list[int]:
+        """One user turn through the chat format (what --instruct does)."""
+        return self.encode_chat([{"role": "user", "content": prompt}])
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
+        """tokenizer.json (HF) when the directory has one, else tokenizer.model (SentencePiece)."""
+        d = Path(model_dir)
+        if d.is_dir() and (d / "tokenizer.json").is_file():
+            from model.hf_tokenizer import HFTokenizer
+
+            return HFTokenizer.from_dir(d)
+        return SentencePieceTokenizer(find_tokenizer_file(d))
+
+
+def mistral_instruct(messages: list[Message]) -> str:
+    """Mistral's v1 instruct format for models without a chat template: each user turn in
+    ``[INST] ... [/INST]``, assistant turns after it ending in EOS text is not added here; a
+    system message is put in front of the first user turn. ``encode(..., bos=True)`` adds BOS."""
+    system = "\n\n".join(str(m["content"]) for m in messages if m.get("role") == "system")
+    out, first = [], True
+    for m in messages:
+        role, content = m.get("role"), str(m.get("content", ""))
+        if role == "user":
+            if first and system:
+                content = f"{system}\n\n{content}"
+            first = False
+            out.append(f"[INST] {content} [/INST]")
+        elif role == "assistant":
+            out.append(f" {content}</s>")
+    return "".join(out)
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model with Mistral's conventions (BOS prepended, ``[INST] ... [/INST]``)."""
 
     def __init__(self, model_path: str | Path) -> None:
@@ -56,25 +135,19 @@ class Tokenizer:
         if self._sp.vocab_size() < 1:
             raise ConfigError(f"{self.path} is not a valid SentencePiece model (empty vocabulary)")
 
-    @classmethod
-    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
-        """Load ``tokenizer.model`` (or ``.v3``, ``.v1``, any ``.v*``) from a model directory.
-
-        A path to the model file itself is accepted too.
-        """
-        return cls(find_tokenizer_file(model_dir))
-
     @property
     def n_words(self) -> int:
         return int(self._sp.vocab_size())
 
     @property
-    def bos_id(self) -> int:
-        return int(self._sp.bos_id())
+    def bos_id(self) -> int | None:
+        b = int(self._sp.bos_id())
+        return None if b < 0 else b
 
     @property
-    def eos_id(self) -> int:
-        return int(self._sp.eos_id())
+    def eos_ids(self) -> tuple[int, ...]:
+        e = int(self._sp.eos_id())
+        return () if e < 0 else (e,)
 
     @property
     def unk_id(self) -> int:
@@ -87,7 +160,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
         ids: list[int] = list(self._sp.encode(text))
-        if bos:
+        if bos and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids
 
@@ -106,13 +179,8 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return str(self._sp.id_to_piece(int(token_id)))
 
-    @staticmethod
-    def instruct(prompt: str) -> str:
-        """Mistral's v1 instruct template; ``encode(..., bos=True)`` puts BOS in front."""
-        return f"[INST] {prompt} [/INST]"
-
     def __repr__(self) -> str:
-        return f"Tokenizer({str(self.path)!r}, n_words={self.n_words})"
+        return f"SentencePieceTokenizer({str(self.path)!r}, n_words={self.n_words})"
 
 
 class StreamDecoder:

@@ -10,7 +10,7 @@ generation loop (distributed.pipeline.Pipeline with one stage).
 The weights are made on the device (no checkpoint on disk): the model is built on the meta device
 in the target dtype, allocated with to_empty() and filled with small normal noise. For every
 (attention, compile, batch): a short warm-up generation, then `--repeats` timed generations of
-`--new_tokens` tokens after a `--prompt_len`-token prompt, eos_id=None (every sequence runs to
+`--new_tokens` tokens after a `--prompt_len`-token prompt, eos_ids=() (every sequence runs to
 the end). Time to first token (prefill + first sample) is taken from the on_token callback;
 decode tokens/s counts the tokens after the first of each sequence over the time after the
 first token (median of the repeats). Each finished row is appended to `--results` (JSON lines)
@@ -141,7 +141,7 @@ def timed_generate(
 
     sync(device)
     t0 = time.perf_counter()
-    out = pipe.generate(prompts, GenerationParams(max_tokens=new_tokens, eos_id=None), on_token)
+    out = pipe.generate(prompts, GenerationParams(max_tokens=new_tokens, eos_ids=()), on_token)
     sync(device)
     t1 = time.perf_counter()
     assert [len(o) for o in out] == [new_tokens] * len(prompts), "every sequence runs to max_tokens"

@@ -19,6 +19,7 @@ from launch.cli import run_guarded  # noqa: E402
 from launch.options import RunOptions  # noqa: E402
 from launch.runtime import Runtime  # noqa: E402
 from model.args import ConfigError  # noqa: E402
+from model.formats import open_source  # noqa: E402
 from model.sampling import SamplingParams  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def main() -> None:
     Path(a.out).with_suffix(f".pid{rt.rank}").write_text(str(os.getpid()))
     error = None
     try:
-        pipe = rt.load(Path(a.model_dir))
+        pipe = rt.load(open_source(a.model_dir))
     except ConfigError as e:
         error = str(e)
     rt.agree(error)
@@ -52,13 +53,13 @@ def main() -> None:
     prompts = json.loads(a.prompts)
     if a.forever:
         print("GENERATING", flush=True)
-        pipe.generate(prompts, GenerationParams(max_tokens=10**7, eos_id=None))
+        pipe.generate(prompts, GenerationParams(max_tokens=10**7, eos_ids=()))
     results = {}
     for m in [int(x) for x in a.microbatches.split(",")]:
         for c in [int(x) for x in a.chunks.split(",")]:
-            p = GenerationParams(max_tokens=a.max_tokens, eos_id=None, num_microbatches=m, chunk_size=c or None)
+            p = GenerationParams(max_tokens=a.max_tokens, eos_ids=(), num_microbatches=m, chunk_size=c or None)
             results[f"greedy m={m} c={c}"] = pipe.generate(prompts, p)
-        s = GenerationParams(max_tokens=a.max_tokens, eos_id=None, num_microbatches=m,
+        s = GenerationParams(max_tokens=a.max_tokens, eos_ids=(), num_microbatches=m,
                              sampling=SamplingParams(temperature=0.8, top_p=0.9, seed=7))
         results[f"sampled m={m}"] = pipe.generate(prompts, s)
     pipe.shutdown()

@@ -232,7 +232,7 @@ def test_padded_rows_view_the_cache_without_a_copy() -> None:
 
 def generate(model: Transformer, backend: Any, prompts: list[list[int]], **kw: Any) -> list[list[int]]:
     model.attention = backend
-    params = GenerationParams(max_tokens=kw.pop("max_tokens", 24), eos_id=None, **kw)
+    params = GenerationParams(max_tokens=kw.pop("max_tokens", 24), eos_ids=(), **kw)
     return Pipeline(model, 0, 1, torch.device("cpu"), None).generate(prompts, params)
 
 

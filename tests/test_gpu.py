@@ -35,7 +35,7 @@ def needs_xformers() -> None:
 
 def generate(model: Transformer, backend: Any, prompts: list[list[int]] = PROMPTS, **kw: Any) -> list[list[int]]:
     model.attention = backend
-    params = GenerationParams(max_tokens=kw.pop("max_tokens", MAX_TOKENS), eos_id=None, **kw)
+    params = GenerationParams(max_tokens=kw.pop("max_tokens", MAX_TOKENS), eos_ids=(), **kw)
     device = next(model.parameters()).device
     return Pipeline(model, 0, 1, device, None).generate(prompts, params)
 

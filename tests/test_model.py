@@ -65,7 +65,7 @@ def test_greedy_matches_transformers_past_several_windows(name: str) -> None:
     model, state = build(params)
     hf = build_hf_model(params, state)
     ps = prompts()
-    ours = Pipeline(model, 0, 1, torch.device("cpu"), None).generate(ps, GenerationParams(max_tokens=30, eos_id=None))
+    ours = Pipeline(model, 0, 1, torch.device("cpu"), None).generate(ps, GenerationParams(max_tokens=30, eos_ids=()))
     for p, got in zip(ps, ours, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([p]), max_new_tokens=30, min_new_tokens=30, do_sample=False,
@@ -80,8 +80,8 @@ def test_batch_equals_one_by_one_for_any_chunk_and_microbatches(chunk: int | Non
     model, _ = build(CONFIGS["moe"])
     pipe = Pipeline(model, 0, 1, torch.device("cpu"), None)
     ps = prompts(lengths=(5, 19, 33))
-    alone = [pipe.generate([p], GenerationParams(max_tokens=25, eos_id=None))[0] for p in ps]
-    together = pipe.generate(ps, GenerationParams(max_tokens=25, eos_id=None, chunk_size=chunk,
+    alone = [pipe.generate([p], GenerationParams(max_tokens=25, eos_ids=()))[0] for p in ps]
+    together = pipe.generate(ps, GenerationParams(max_tokens=25, eos_ids=(), chunk_size=chunk,
                                                   num_microbatches=microbatches))
     assert together == alone
 
@@ -90,9 +90,9 @@ def test_eos_stops_and_is_excluded() -> None:
     model, _ = build(CONFIGS["dense"])
     pipe = Pipeline(model, 0, 1, torch.device("cpu"), None)
     p = prompts(1)[0]
-    free = pipe.generate([p], GenerationParams(max_tokens=20, eos_id=None))[0]
+    free = pipe.generate([p], GenerationParams(max_tokens=20, eos_ids=()))[0]
     eos = free[5]  # pretend the 6th generated token is EOS
-    stopped = pipe.generate([p], GenerationParams(max_tokens=20, eos_id=eos))[0]
+    stopped = pipe.generate([p], GenerationParams(max_tokens=20, eos_ids=(eos,)))[0]
     assert stopped == free[: free.index(eos)]
 
 
@@ -138,7 +138,7 @@ def test_one_file_ref_agrees_with_package(tmp_path: Path) -> None:
         write_model(tmp_path / name, CONFIGS[name])
         pipe = Pipeline(load_stage(tmp_path / name), 0, 1, torch.device("cpu"), None)
         ps = prompts()
-        assert pipe.generate(ps, GenerationParams(max_tokens=20, eos_id=None)) == one_file_ref.generate(
+        assert pipe.generate(ps, GenerationParams(max_tokens=20, eos_ids=())) == one_file_ref.generate(
             str(tmp_path / name), ps, 20, eos_id=None
         )
 

@@ -35,9 +35,9 @@ def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 def single_process(path: Path) -> dict[str, list[list[int]]]:
     pipe = Pipeline(load_stage(path), 0, 1, torch.device("cpu"), None)
-    greedy = pipe.generate(PROMPTS, GenerationParams(max_tokens=MAX_TOKENS, eos_id=None))
+    greedy = pipe.generate(PROMPTS, GenerationParams(max_tokens=MAX_TOKENS, eos_ids=()))
     sampled = pipe.generate(PROMPTS, GenerationParams(
-        max_tokens=MAX_TOKENS, eos_id=None, sampling=SamplingParams(temperature=0.8, top_p=0.9, seed=7)))
+        max_tokens=MAX_TOKENS, eos_ids=(), sampling=SamplingParams(temperature=0.8, top_p=0.9, seed=7)))
     return {"greedy": greedy, "sampled": sampled}
 
 

@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 
 from model.args import ConfigError
-from model.tokenizer import DEFAULT_TOKENIZER_PATH, StreamDecoder, Tokenizer
+from model.tokenizer import DEFAULT_TOKENIZER_PATH, SentencePieceTokenizer, StreamDecoder, Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "configs" / "tokenizer-512.model"
@@ -27,8 +27,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer(ASSET)
+def tok() -> SentencePieceTokenizer:
+    return SentencePieceTokenizer(ASSET)
 
 
 @pytest.mark.timeout(60)
@@ -39,7 +39,7 @@ def test_asset_is_default_and_small() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_special_ids(tok: Tokenizer) -> None:
+def test_special_ids(tok: SentencePieceTokenizer) -> None:
     assert tok.n_words == 512
     assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, -1)
     assert tok.id_to_piece(0) == "<unk>"
@@ -170,8 +170,8 @@ def test_stream_decoder_flushes_incomplete_tail(tok: Tokenizer) -> None:
 
 @pytest.mark.timeout(60)
 def test_instruct_format(tok: Tokenizer) -> None:
-    assert tok.instruct("Tell me a joke.") == "[INST] Tell me a joke. [/INST]"
-    ids = tok.encode(tok.instruct("hi"))
+    assert tok.encode_instruct("Tell me a joke.") == tok.encode("[INST] Tell me a joke. [/INST]")
+    ids = tok.encode_instruct("hi")
     assert ids[0] == tok.bos_id
     assert ids.count(tok.bos_id) == 1
     assert tok.decode(ids) == "[INST] hi [/INST]"
