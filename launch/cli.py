@@ -19,7 +19,7 @@ from launch.options import (
     MakeCheckpointOptions,
     RunOptions,
 )
-from launch.runtime import Runtime, default_model_dir, log
+from launch.runtime import Runtime, default_model, log
 from model.args import ConfigError, ModelArgs
 
 COMMANDS: dict[str, tuple[type, str]] = {
@@ -81,10 +81,10 @@ def run(name: str, opts: RunOptions) -> None:
     validate(opts)
     rt = Runtime.start(opts)
     try:
-        if name == "demo" and opts.model_dir is None:
-            model_dir = default_model_dir()
+        if name in ("demo", "interactive") and opts.model_dir is None:
+            model_dir, line = default_model()
             if rt.rank == 0:
-                log(f"no model directory given: using the tiny random-weights model in {model_dir}")
+                log(line)
         else:
             model_dir = model_dir_of(opts)
         cmd: Command

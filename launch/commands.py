@@ -15,7 +15,7 @@ from launch.options import GenerateOptions, InteractiveOptions, RunOptions
 from launch.runtime import Runtime, log
 from model.args import ConfigError
 from model.formats import open_source
-from model.tokenizer import StreamDecoder, Tokenizer
+from model.tokenizer import Message, StreamDecoder, Tokenizer
 
 DEMO_PROMPTS = [
     "This is a test",
@@ -191,6 +191,7 @@ class Interactive(Command):
 
         # input() blocks, so it runs in a thread while this one keeps the other ranks alive.
         threading.Thread(target=reader, daemon=True).start()
+        history: list[Message] = []
         while True:
             ready.set()
             line = self._read_line(pipeline, lines)
@@ -199,17 +200,27 @@ class Interactive(Command):
                 return
             if not line.strip():
                 continue
-            self._stream(pipeline, tok.encode_instruct(line) if self.instruct else tok.encode(line))
+            if not self.instruct:
+                self._stream(pipeline, tok.encode(line))
+                continue
+            # A chat: every turn is sent with the conversation so far, through the chat template.
+            history.append({"role": "user", "content": line})
+            reply = self._stream(pipeline, tok.encode_chat(history))
+            history.append({"role": "assistant", "content": reply})
 
-    def _stream(self, pipeline: Pipeline, prompt: list[int]) -> None:
+    def _stream(self, pipeline: Pipeline, prompt: list[int]) -> str:
         assert self.tok is not None
         stream = StreamDecoder(self.tok)
         params = self.rt.generation_params(self.tok.eos_ids)
         pipeline.generate([prompt], params, on_token=lambda b, t: print(stream.push(t), end="", flush=True))
         print(stream.flush(), flush=True)
+        return stream.text
 
 
 def model_dir_of(opts: RunOptions) -> Path:
     if opts.model_dir is None:
-        raise ConfigError("give a model directory (params.json, consolidated.safetensors, tokenizer.model)")
+        raise ConfigError(
+            "give a model: a Mistral-native directory (params.json), a Hugging Face directory (config.json) "
+            "or a .gguf file"
+        )
     return Path(opts.model_dir)

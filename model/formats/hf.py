@@ -5,7 +5,9 @@ LlamaForCausalLM (Llama is Mistral without a window)."""
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +242,82 @@ _RENAME = {
     "block_sparse_moe.gate.weight": "feed_forward.gate.weight",
     "mlp.gate.weight": "feed_forward.gate.weight",
 }
+
+
+# -- writing (random-weights test and benchmark models) -----------------------------------------
+
+_TO_HF = {v: k for k, v in _RENAME.items() if not k.startswith("mlp.gate.")}
+
+
+def hf_name(name: str, args: ModelArgs) -> str:
+    """The HF (legacy on-disk) name of an engine tensor name."""
+    top = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    _, i, rest = name.split(".", 2)
+    if rest.startswith("feed_forward.experts."):
+        return f"model.layers.{i}.block_sparse_moe.{rest.removeprefix('feed_forward.')}"
+    if rest == "feed_forward.gate.weight":
+        return f"model.layers.{i}.block_sparse_moe.gate.weight"
+    return f"model.layers.{i}.{_TO_HF[rest]}"
+
+
+def write_hf_dir(
+    out: Path,
+    args: ModelArgs,
+    shapes: dict[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    shard_bytes: int = 5 << 30,
+) -> None:
+    """Stream engine-named tensors into an HF directory: config.json, model-0000i-of-0000n.safetensors
+    of at most shard_bytes each, and the index, with q/k in HF's rotate-half layout."""
+    from model.checkpoint import write_safetensors
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    shards: list[dict[str, tuple[int, ...]]] = [{}]
+    used = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape) * size
+        if shards[-1] and used + n > shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = shape
+        used += n
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map: dict[str, str] = {}
+    it = iter(tensors)
+    for fname, shard in zip(files, shards, strict=True):
+
+        def converted(names: dict[str, tuple[int, ...]] = shard) -> Iterator[tuple[str, torch.Tensor]]:
+            for _ in names:
+                name, t = next(it)
+                if name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                    heads = args.n_heads if ".wq." in name else args.n_kv_heads
+                    d = args.head_dim
+                    t = t.reshape(heads, d // 2, 2, -1).transpose(1, 2).reshape(heads * d, -1)
+                yield hf_name(name, args), t
+
+        hf_shapes = {hf_name(k, args): v for k, v in shard.items()}
+        write_safetensors(out / fname, hf_shapes, dtype, converted())
+        weight_map.update(dict.fromkeys(hf_shapes, fname))
+    total = sum(math.prod(s) for s in shapes.values()) * size
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n")
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "architectures": ["MixtralForCausalLM" if args.moe else "MistralForCausalLM"],
+        "model_type": "mixtral" if args.moe else "mistral",
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "intermediate_size": args.hidden_dim,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
+        "rms_norm_eps": args.norm_eps, "vocab_size": args.vocab_size, "rope_theta": args.theta,
+        "sliding_window": args.sliding_window, "hidden_act": "silu", "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if args.moe:
+        cfg["num_local_experts"], cfg["num_experts_per_tok"] = args.moe.num_experts, args.moe.num_experts_per_tok
+    return cfg
