@@ -350,3 +350,15 @@ def test_cli_generate_with_lora(good: tuple[Any, Path], model_dirs: dict[str, Pa
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "another base model" in errors[0] and "Traceback" not in r.stderr, r.stderr
     assert not out2.exists() and not out2.with_name(out2.name + ".partial").exists()
+
+
+@pytest.mark.timeout(180)
+def test_peft_adapter_on_hf_directory(tmp_path: Path) -> None:
+    """The usual deployment: a PEFT adapter on the Hugging Face base it was trained on."""
+    params = CONFIGS["dense"]
+    base = tmp_path / "base"
+    build_hf_model(params, random_state(params)).save_pretrained(base, max_shard_size="100KB")
+    peft = make_peft(params, tmp_path / "adapter", **VARIANTS["all_with_k_o"][1])
+    stage = load_stage(base, lora=LoraAdapter.load(tmp_path / "adapter", ModelArgs.from_dict(params), scale=2.0))
+    ps = prompts()
+    assert engine_tokens(stage, ps) == peft_tokens(peft, ps)
