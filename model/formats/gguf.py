@@ -242,4 +242,4 @@ class GGUFSource:
     def tokenizer(self) -> Tokenizer:
         from model.formats.gguf_vocab import gguf_tokenizer
 
-        return gguf_tokenizer(self.path)
+        return gguf_tokenizer(self.path, reader=self._reader)  # parsing the metadata again costs seconds
