@@ -17,8 +17,10 @@ from launch.options import (
     GenerateOptions,
     InteractiveOptions,
     MakeCheckpointOptions,
+    QuantizeOptions,
     RunOptions,
 )
+from launch.perplexity import PerplexityOptions
 from launch.runtime import Runtime, default_model, log
 from model.args import ConfigError, ModelArgs
 
@@ -27,6 +29,8 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "interactive": (InteractiveOptions, "type prompts, see tokens stream back"),
     "generate": (GenerateOptions, "prompts from a JSONL file to a JSONL file"),
     "make-checkpoint": (MakeCheckpointOptions, "write a random-weights checkpoint from a config"),
+    "perplexity": (PerplexityOptions, "perplexity on a text file (windows of --context tokens)"),
+    "quantize": (QuantizeOptions, "write an int8 / int4 weight-only quantized checkpoint"),
 }
 
 
@@ -61,6 +65,8 @@ def validate(opts: RunOptions) -> None:
         raise ConfigError(f"--chunk_size must be >= 1, got {opts.chunk_size}")
     if opts.num_microbatches is not None and opts.num_microbatches < 1:
         raise ConfigError(f"--num_microbatches must be >= 1, got {opts.num_microbatches}")
+    if opts.group_size < 2 or opts.group_size % 2:
+        raise ConfigError(f"--group_size must be an even number >= 2, got {opts.group_size}")
 
 
 def make_checkpoint(opts: MakeCheckpointOptions) -> None:
@@ -75,6 +81,21 @@ def make_checkpoint(opts: MakeCheckpointOptions) -> None:
     assert dtype is not None
     make_random_checkpoint(args, out, dtype=dtype, seed=opts.seed, fmt=opts.format, tokenizer=DEFAULT_TOKENIZER_PATH)
     log(f"wrote {out} ({opts.config}, {opts.dtype}, {opts.format})")
+
+
+def quantize_checkpoint(opts: QuantizeOptions) -> None:
+    from model.checkpoint import parse_dtype, write_quantized
+    from model.formats import open_source
+    from model.quant import QuantSpec
+
+    out = Path(opts.out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} exists and is not an empty directory; choose a new directory")
+    spec = QuantSpec(opts.quantize, opts.group_size)
+    source = open_source(opts.model)
+    write_quantized(source, out, spec, parse_dtype(opts.dtype), progress=log)
+    size = (out / "consolidated.safetensors").stat().st_size
+    log(f"wrote {out}: {spec.describe()}, {size / 1e9:.2f} GB of weights")
 
 
 def run(name: str, opts: RunOptions) -> None:
@@ -136,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     def dispatch() -> None:
         if ns.command == "make-checkpoint":
             make_checkpoint(ns.opts)
+        elif ns.command == "quantize":
+            quantize_checkpoint(ns.opts)
+        elif ns.command == "perplexity":
+            from launch.perplexity import run_perplexity
+
+            run_perplexity(ns.opts)
         elif ns.command == "bench":
             from launch.bench import run_bench
 

@@ -30,6 +30,10 @@ class RunOptions:
     attention: str = field(default="auto", choices=["auto", "sdpa", "xformers"])  # attention kernel
     threads: int | None = None  # torch CPU threads per rank; unset: OMP_NUM_THREADS, else cores / ranks per node
     dist_timeout: float = 120.0  # seconds before a silent peer is declared lost and the job ends
+    # weight-only quantization of each stage's linears at load (int8 per channel, int4 group-wise);
+    # unset: as the checkpoint is (a quantized checkpoint runs in its own format)
+    quantize: str | None = field(default=None, choices=["none", "int8", "int4"])
+    group_size: int = 32  # int4 group size (input columns sharing a scale and zero point)
 
 
 @dataclass
@@ -68,3 +72,17 @@ class MakeCheckpointOptions:
     # native safetensors / pth, or hf: a Hugging Face directory (config.json, 5 GB shards, index)
     format: str = field(default="safetensors", choices=["safetensors", "pth", "hf"])
     seed: int = 0  # seed of the random weights
+
+
+@dataclass
+class QuantizeOptions:
+    """Write a weight-only quantized copy of a model (any format) as a native checkpoint: params.json
+    with a `quantization` block, consolidated.safetensors, and the model's tokenizer. It loads with no
+    float copy of the linears; GGUF Q4_0 / Q4_1 tensors go into int4 (group 32) unchanged."""
+
+    model: str = field(positional=True)  # the model to quantize: native dir, Hugging Face dir or .gguf file
+    out_dir: str = field(positional=True)  # where to write it (must not exist or be empty)
+    quantize: str = field(default="", required=True, choices=["int8", "int4"])  # the format
+    group_size: int = 32  # int4 group size (input columns sharing a scale and zero point)
+    # dtype of the tensors left unquantized (embedding, norms, router); unset: as stored (float32 for GGUF)
+    dtype: str | None = field(default=None, choices=["float32", "bfloat16", "float16"])

@@ -23,6 +23,8 @@ from model.attention import get_backend
 from model.checkpoint import expected_shapes, load_stage, parse_dtype
 from model.cpu_kernels import pack_linears
 from model.formats import Source
+from model.quant import fuse_quantized, parse_quantize
+from model.quant import prepare as prepare_quantized
 from model.sampling import SamplingParams
 
 DEFAULT_MODEL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.json"
@@ -121,11 +123,16 @@ class Runtime:
         if dtype is None and source.kind == "gguf":
             dtype = torch.float32  # quantized GGUF tensors are dequantized; keep their values exact
         t0 = time.monotonic()
-        model = load_stage(source, split[self.rank], first, last, dtype, self.device, progress, lora)
+        quant = parse_quantize(self.opts.quantize, self.opts.group_size)
+        model = load_stage(
+            source, split[self.rank], first, last, dtype, self.device, progress, lora, quant, self.opts.quantize
+        )
         self.load_seconds = time.monotonic() - t0
         if self.rank == 0:
             print_split(args, split, next(model.parameters()).element_size())
         model.attention = get_backend(self.opts.attention, self.device)
+        fuse_quantized(model)  # wq|wk|wv and w1|w3 of linears quantized at load, then their kernels' layout
+        prepare_quantized(model)
         pack_linears(model)  # CPU bf16 only; a no-op elsewhere
         links = Links(self.rank, self.n_stages, self.device) if self.n_stages > 1 else None
         return Pipeline(model, self.rank, self.n_stages, self.device, links)
