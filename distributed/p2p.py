@@ -16,14 +16,20 @@ HEADER_LEN = 8  # int64 fields: kind and what the receiver needs to know the sha
 # A unit's positions ride in the header message when they fit (every decode step does), which
 # saves one message per hop: on CPU each gloo message costs a wake-up of the receiving thread.
 INLINE_POSITIONS = 120
+# Every stage writes its cumulative compute time (microseconds) into the header it forwards; the
+# last stage returns them with the tokens, so rank 0 knows how busy each stage is (first 16 stages).
+MAX_STATS = 16
+STATS_AT = HEADER_LEN + INLINE_POSITIONS
+MESSAGE_LEN = STATS_AT + MAX_STATS
 
 
 class Kind(IntEnum):
     STOP = 0  # no more requests: every rank leaves its serve loop
-    BEGIN = 1  # a request starts: batch size, micro-batches, cache capacity, sampling params
-    UNIT = 2  # one (micro-batch, chunk or decode step) of activations
-    END = 3  # the request is finished: caches can go
-    KEEPALIVE = 4  # rank 0 is waiting for the user; keeps the others inside their timeout
+    SETUP = 1  # a session starts: cache slots (rows) and capacity per slot
+    UNIT = 2  # one (rows, prefill chunk or decode step) of activations
+    END = 3  # the session is over: caches can go
+    KEEPALIVE = 4  # rank 0 is waiting for work; keeps the others inside their timeout
+    ADMIT = 5  # sequences take slots: positions reset, prompt lengths and sampling parameters
 
 
 class PeerLost(RuntimeError):
@@ -90,12 +96,17 @@ class Links:
         self._pending = []
 
     # -- the messages -------------------------------------------------------------------------
-    def send_header(self, fields: list[int], positions: torch.Tensor | None = None) -> None:
-        """fields, and positions [B, T] inline when given (the caller checks they fit)."""
-        h = torch.zeros(HEADER_LEN + INLINE_POSITIONS, dtype=torch.long)
+    def send_header(
+        self, fields: list[int], inline: torch.Tensor | None = None, stats: list[int] | None = None
+    ) -> None:
+        """fields, `inline` (positions [B, T] or admissions; the caller checks they fit) and the
+        stages' busy counters so far."""
+        h = torch.zeros(MESSAGE_LEN, dtype=torch.long)
         h[: len(fields)] = torch.tensor(fields, dtype=torch.long)
-        if positions is not None:
-            h[HEADER_LEN : HEADER_LEN + positions.numel()] = positions.flatten()
+        if inline is not None:
+            h[HEADER_LEN : HEADER_LEN + inline.numel()] = inline.flatten()
+        if stats:
+            h[STATS_AT : STATS_AT + len(stats)] = torch.tensor(stats[:MAX_STATS], dtype=torch.long)
         self.forward_header(h.to(self.device))
 
     def forward_header(self, raw: torch.Tensor) -> None:
@@ -103,7 +114,7 @@ class Links:
 
     def recv_header(self) -> tuple[list[int], torch.Tensor]:
         """The fields, and the raw message (to forward as is, or to read inline positions from)."""
-        raw = self._recv((HEADER_LEN + INLINE_POSITIONS,), torch.long, self.rank - 1, "waiting for the next message")
+        raw = self._recv((MESSAGE_LEN,), torch.long, self.rank - 1, "waiting for the next message")
         return raw[:HEADER_LEN].tolist(), raw
 
     def send_tensor(self, t: torch.Tensor) -> None:
@@ -112,8 +123,9 @@ class Links:
     def recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self._recv(shape, dtype, self.rank - 1, f"receiving {shape} activations")
 
-    def send_tokens(self, tokens_done: torch.Tensor) -> None:
-        self._isend(tokens_done, 0, "sending sampled tokens to stage 0")
+    def send_tokens(self, tokens_stats: torch.Tensor) -> None:
+        """[n] sampled ids followed by the stages' busy counters [world_size]."""
+        self._isend(tokens_stats, 0, "sending sampled tokens to stage 0")
 
-    def recv_tokens(self, batch: int) -> torch.Tensor:
-        return self._recv((2, batch), torch.long, self.last, "waiting for sampled tokens")
+    def recv_tokens(self, n: int) -> torch.Tensor:
+        return self._recv((n + self.world_size,), torch.long, self.last, "waiting for sampled tokens")

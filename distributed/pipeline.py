@@ -1,23 +1,25 @@
-"""The micro-batch schedule: one generation loop for one process or a pipeline of P stages.
+"""The stages and the messages between them: one process is a one-stage pipeline.
 
-Rank 0 (stage 0) owns the requests: it cuts a batch into M micro-batches and every prompt into
-chunks, and feeds work units into the ring. A unit is (micro-batch, prefill chunk) or
-(micro-batch, decode step). Each stage runs its layers on a unit and passes the activations on;
-the last stage samples and sends token ids + finished flags back to stage 0, which turns them
-into the micro-batch's next decode unit. With M >= P every stage has a unit to work on.
-With one stage the "ring" is a local queue; the loop is the same.
+Rank 0 (stage 0) owns the requests; distributed/scheduler.py decides what runs when. It sends
+the other ranks a session (SETUP: cache slots and their capacity), admissions (ADMIT: a sequence
+takes a slot, with its prompt length and sampling parameters) and work units (UNIT: a range of
+slots with a prefill chunk or a decode step each). Each stage runs its layers on a unit and
+passes the activations on; the last stage samples every row that ends its prompt or decodes and
+sends the token ids back to stage 0. With one stage the "ring" is a local queue.
 """
 
 from __future__ import annotations
 
+import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from distributed.p2p import HEADER_LEN, INLINE_POSITIONS, Kind, Links
-from model.cache import RollingCache, cache_capacity
+from distributed.p2p import HEADER_LEN, INLINE_POSITIONS, MAX_STATS, STATS_AT, Kind, Links
+from model.cache import RollingCache
 from model.sampling import SamplingParams, sample
 from model.transformer import Transformer
 
@@ -56,67 +58,115 @@ def split_rows(batch: int, parts: int) -> list[slice]:
     return out
 
 
+def _f2i(x: float) -> int:
+    return int(struct.unpack("<q", struct.pack("<d", x))[0])
+
+
+def _i2f(x: int) -> float:
+    return float(struct.unpack("<d", struct.pack("<q", x))[0])
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What every stage learns when a sequence takes a slot (the last stage samples with it)."""
+
+    slot: int
+    prompt_len: int
+    seq_index: int  # mixed into the seeded draws: the index of the prompt in its request
+    sampling: SamplingParams
+
+    FIELDS = 6  # int64 fields when packed (floats bit-cast)
+
+    def pack(self) -> list[int]:
+        s = self.sampling
+        return [self.slot, self.prompt_len, self.seq_index, s.seed, _f2i(s.temperature), _f2i(s.top_p)]
+
+    @classmethod
+    def unpack(cls, f: list[int]) -> Admission:
+        return cls(f[0], f[1], f[2], SamplingParams(_i2f(f[4]), _i2f(f[5]), f[3]))
+
+
 @dataclass
 class Unit:
-    mb: int
-    tokens: torch.Tensor  # [B_mb, T] ids (padding 0)
-    positions: torch.Tensor  # [B_mb, T] absolute positions (padding -1)
-    sample: bool  # the last stage samples after this unit
+    rows: slice  # cache slots; rows without work are padding (positions -1)
+    tokens: torch.Tensor  # [B, T] ids (padding 0)
+    positions: torch.Tensor  # [B, T] absolute positions (padding -1)
+    sample: bool  # some row ends its prompt or decodes: the last stage samples and answers
 
 
 class Stage:
-    """This process's share of the model and of the per-request state."""
+    """This process's share of the model and of the per-slot state."""
 
     def __init__(self, model: Transformer, device: torch.device) -> None:
         self.model, self.device = model, device
         self.dtype = next(model.parameters()).dtype
         self.cache: RollingCache | None = None
+        self.busy = 0.0  # seconds spent in run(), cumulative
 
     def begin(self, batch: int, capacity: int, params: GenerationParams) -> None:
+        """A session of `batch` slots of `capacity` cache positions each. Sampling parameters come
+        per sequence at admission; `params` only keeps the signature wrappers (bench) rely on."""
         self.cache = self.model.make_cache(batch, capacity)
-        self.params = params
         if self.model.is_last:
-            self.logits = torch.zeros(batch, self.model.args.vocab_size, device=self.device)
-            self.count = torch.zeros(batch, dtype=torch.long, device=self.device)
-            self.done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+            self.prompt_len = [0] * batch
+            self.count = [0] * batch  # tokens sampled since admission: the draw's step
+            self.seq_index = [0] * batch
+            self.sampling = [SamplingParams()] * batch
+
+    def admit(self, admissions: list[Admission]) -> None:
+        assert self.cache is not None, "an admission arrived outside a session"
+        for a in admissions:
+            self.cache.pos[a.slot] = -1  # the slot's old keys are masked out from now on
+            if self.model.is_last:
+                self.prompt_len[a.slot], self.seq_index[a.slot] = a.prompt_len, a.seq_index
+                self.count[a.slot], self.sampling[a.slot] = 0, a.sampling
 
     def end(self) -> None:
         self.cache = None
-        self.logits = self.count = self.done = torch.empty(0)
 
     @torch.inference_mode()
     def run(self, rows: slice, x: torch.Tensor, positions: torch.Tensor, sample_now: bool) -> torch.Tensor:
-        """Activations [B, T, dim] for the next stage, or on the last stage [2, B]: token ids
-        (-1: none produced) and finished flags, once `sample_now`."""
-        assert self.cache is not None, "a unit arrived outside a request"
-        if not self.model.is_last:
-            return self.model(x, positions, self.cache, rows)
-        valid = positions >= 0  # [B, T]; valid tokens are a prefix of each row
-        select = (valid.sum(1) - 1).clamp(min=0)
-        logits = self.model(x, positions, self.cache, rows, select=select)  # [B, V]
-        has = valid.any(1)
-        # A short prompt ends in an earlier chunk than the longest one: keep its last logits.
-        self.logits[rows] = torch.where(has[:, None], logits, self.logits[rows])
-        if not sample_now:
-            return torch.empty(0)
-        p = self.params
-        steps = self.count[rows].tolist() if p.sampling.temperature > 0 else [0] * (rows.stop - rows.start)
-        tokens = sample(self.logits[rows], p.sampling, list(range(rows.start, rows.stop)), steps)
-        done_before = self.done[rows].clone()  # a copy: self.done[rows] is overwritten below
-        count = self.count[rows] + (~done_before).long()
-        if p.eos_ids:
-            eos_t = torch.tensor(p.eos_ids, dtype=tokens.dtype, device=tokens.device)
-            eos = ~done_before & torch.isin(tokens, eos_t)
+        """Activations [B, T, dim] for the next stage, or on the last stage the sampled ids [n]
+        of the rows that end their prompt or decode in this unit (in row order)."""
+        assert self.cache is not None, "a unit arrived outside a session"
+        t0 = time.perf_counter()
+        try:
+            if not self.model.is_last:
+                return self.model(x, positions, self.cache, rows)
+            valid = positions >= 0  # [B, T]; valid tokens are a prefix of each row
+            select = (valid.sum(1) - 1).clamp(min=0)
+            logits = self.model(x, positions, self.cache, rows, select=select)  # [B, V]
+            if not sample_now:
+                return torch.empty(0, dtype=torch.long)
+            last = positions.max(1).values.tolist()
+            slots = [
+                rows.start + i for i, p in enumerate(last) if p >= 0 and p >= self.prompt_len[rows.start + i] - 1
+            ]
+            return self._sample(logits[[s - rows.start for s in slots]], slots)
+        finally:
+            self.busy += time.perf_counter() - t0
+
+    def _sample(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        # One draw per row with that sequence's own parameters: its tokens do not depend on
+        # what else runs beside it.
+        greedy = all(self.sampling[s].temperature == 0 for s in slots)
+        if greedy:
+            tokens = logits.argmax(dim=-1)
         else:
-            eos = torch.zeros_like(done_before)
-        done = done_before | eos | (count >= p.max_tokens)
-        self.count[rows], self.done[rows] = count, done
-        tokens = torch.where(done_before | eos, torch.full_like(tokens, -1), tokens)
-        return torch.stack([tokens, done.long()])
+            tokens = torch.cat(
+                [
+                    sample(logits[i : i + 1], self.sampling[s], [self.seq_index[s]], [self.count[s]])
+                    for i, s in enumerate(slots)
+                ]
+            )
+        for s in slots:
+            self.count[s] += 1
+        return tokens
 
 
 class Pipeline:
-    """Runs generation; rank 0 calls generate()/shutdown(), the other ranks call serve()."""
+    """Rank 0 drives it through distributed/scheduler.py (generate() for a static batch); the
+    other ranks call serve()."""
 
     def __init__(
         self, model: Transformer, stage: int, n_stages: int, device: torch.device, links: Links | None
@@ -126,7 +176,6 @@ class Pipeline:
         self.index, self.n_stages, self.device, self.links = stage, n_stages, device, links
         self.dim = model.args.dim
         self._local: deque[torch.Tensor] = deque()  # the one-stage "ring"
-        self._groups: list[slice] = []
 
     @property
     def is_last(self) -> bool:
@@ -137,109 +186,54 @@ class Pipeline:
         self, prompts: list[list[int]], params: GenerationParams, on_token: TokenCallback | None = None
     ) -> list[list[int]]:
         """Generate for a batch of token-id prompts; returns the new ids per prompt (no EOS)."""
+        from distributed.scheduler import generate_batch
+
         assert self.index == 0, "generate() runs on stage 0; the other ranks serve()"
-        args = self.stage.model.args
-        for i, p in enumerate(prompts):
-            if not p:
-                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
-            bad = [t for t in p if not 0 <= t < args.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {args.vocab_size})")
-        out: list[list[int]] = [[] for _ in prompts]
-        if not prompts or params.max_tokens == 0:
-            return out
-        lens = [len(p) for p in prompts]
-        capacity = cache_capacity(args.sliding_window, max(lens) + params.max_tokens)
-        chunk = params.chunk_size or args.sliding_window or DEFAULT_CHUNK_NO_WINDOW
-        groups = split_rows(len(prompts), params.num_microbatches or self.n_stages)
-        self._begin(len(prompts), len(groups), capacity, params)
+        return generate_batch(self, prompts, params, on_token)
 
-        work: deque[Unit] = deque()
-        for m, rows in enumerate(groups):
-            for start in range(0, max(lens[rows]), chunk):
-                work.append(
-                    self._prefill_unit(m, prompts[rows], start, chunk, is_last_chunk=start + chunk >= max(lens[rows]))
-                )
-        expected: deque[int] = deque()  # micro-batches whose token message comes next, in order
-        done = [False] * len(prompts)
-        active = len(groups)
-        while active:
-            if work:
-                unit = work.popleft()
-                self._dispatch(unit)
-                if unit.sample:
-                    expected.append(unit.mb)
-                continue
-            m = expected.popleft()
-            rows = groups[m]
-            msg = self._result(rows.stop - rows.start).tolist()
-            for j, (tok, fin) in enumerate(zip(*msg, strict=True)):
-                b = rows.start + j
-                if tok >= 0:
-                    out[b].append(tok)
-                    if on_token is not None:
-                        on_token(b, tok)
-                done[b] = bool(fin)
-            if all(done[rows]):
-                active -= 1
-            else:
-                work.append(self._decode_unit(m, rows, lens, out, done))
-        self._end()
-        return out
-
-    def _prefill_unit(self, mb: int, prompts: list[list[int]], start: int, chunk: int, is_last_chunk: bool) -> Unit:
-        pieces = [p[start : start + chunk] for p in prompts]
-        t = max(len(x) for x in pieces)
-        tokens = torch.zeros(len(prompts), t, dtype=torch.long)
-        positions = torch.full((len(prompts), t), -1, dtype=torch.long)
-        for i, x in enumerate(pieces):
-            tokens[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            positions[i, : len(x)] = torch.arange(start, start + len(x))
-        return Unit(mb, tokens, positions, sample=is_last_chunk)
-
-    def _decode_unit(self, mb: int, rows: slice, lens: list[int], out: list[list[int]], done: list[bool]) -> Unit:
-        # The j-th generated token (0-based) of sequence b sits at position lens[b] + j.
-        ids = range(rows.start, rows.stop)
-        tokens = torch.tensor([[0 if done[b] else out[b][-1]] for b in ids], dtype=torch.long)
-        positions = torch.tensor([[-1 if done[b] else lens[b] + len(out[b]) - 1] for b in ids], dtype=torch.long)
-        return Unit(mb, tokens, positions, sample=True)
-
-    def _begin(self, batch: int, n_groups: int, capacity: int, params: GenerationParams) -> None:
-        self._groups = split_rows(batch, n_groups)
-        self.stage.begin(batch, capacity, params)
+    def setup(self, slots: int, capacity: int) -> None:
+        self.stage.begin(slots, capacity, GenerationParams())
         if self.links is not None:
-            s = params.sampling
-            n_eos = len(params.eos_ids)
-            self.links.send_header([Kind.BEGIN, batch, n_groups, capacity, params.max_tokens, n_eos, s.seed])
-            # Sampling parameters and EOS ids (exact in float64) in one message.
-            floats = [s.temperature, s.top_p, *map(float, params.eos_ids)]
-            self.links.send_tensor(torch.tensor(floats, dtype=torch.float64, device=self.device))
+            self.links.send_header([Kind.SETUP, slots, capacity])
 
-    def _end(self) -> None:
+    def admit(self, admissions: list[Admission]) -> None:
+        self.stage.admit(admissions)
+        if self.links is None:
+            return
+        per = INLINE_POSITIONS // Admission.FIELDS
+        for i in range(0, len(admissions), per):
+            part = admissions[i : i + per]
+            packed = torch.tensor([f for a in part for f in a.pack()], dtype=torch.long)
+            self.links.send_header([Kind.ADMIT, len(part)], packed)
+
+    def dispatch(self, unit: Unit) -> None:
+        tokens, positions = unit.tokens.to(self.device), unit.positions.to(self.device)
+        out = self.stage.run(unit.rows, tokens, positions, unit.sample)
+        if self.links is None:
+            if unit.sample:
+                self._local.append(torch.cat([out, torch.tensor([self._busy_us()])]))
+            return
+        b, t = positions.shape
+        inline = b * t <= INLINE_POSITIONS
+        fields = [Kind.UNIT, b, t, unit.rows.start, int(unit.sample)]
+        self.links.send_header(fields, unit.positions if inline else None, [self._busy_us()])
+        if not inline:
+            self.links.send_tensor(positions)
+        self.links.send_tensor(out)
+
+    def result(self, n: int) -> tuple[list[int], list[float]]:
+        """The next answer of the last stage: n sampled ids, and each stage's busy seconds so far."""
+        msg = (self._local.popleft() if self.links is None else self.links.recv_tokens(n)).tolist()
+        return msg[:n], [us / 1e6 for us in msg[n:]]
+
+    def end(self) -> None:
         self.stage.end()
         if self.links is not None:
             self.links.send_header([Kind.END])
             self.links.flush()
 
-    def _dispatch(self, unit: Unit) -> None:
-        rows = self._groups[unit.mb]
-        tokens, positions = unit.tokens.to(self.device), unit.positions.to(self.device)
-        out = self.stage.run(rows, tokens, positions, unit.sample)
-        if self.links is None:
-            if unit.sample:
-                self._local.append(out)
-            return
-        b, t = positions.shape
-        inline = b * t <= INLINE_POSITIONS
-        self.links.send_header([Kind.UNIT, unit.mb, b, t, int(unit.sample)], unit.positions if inline else None)
-        if not inline:
-            self.links.send_tensor(positions)
-        self.links.send_tensor(out)
-
-    def _result(self, batch: int) -> torch.Tensor:
-        if self.links is None:
-            return self._local.popleft()
-        return self.links.recv_tokens(batch)
+    def _busy_us(self) -> int:
+        return int(self.stage.busy * 1e6)
 
     def keepalive(self) -> None:
         if self.links is not None:
@@ -259,39 +253,36 @@ class Pipeline:
             h, raw = links.recv_header()
             kind = Kind(h[0])
             if kind == Kind.UNIT:
-                mb, b, t, sample_now = h[1:5]
+                b, t, row0, sample_now = h[1:5]
                 inline = b * t <= INLINE_POSITIONS
                 if inline:
                     positions = raw[HEADER_LEN : HEADER_LEN + b * t].view(b, t)
                 else:
                     positions = links.recv_tensor((b, t), torch.long)
                 x = links.recv_tensor((b, t, self.dim), self.stage.dtype)
-                out = self.stage.run(self._groups[mb], x, positions, bool(sample_now))
+                out = self.stage.run(slice(row0, row0 + b), x, positions, bool(sample_now))
+                if self.index < MAX_STATS:
+                    raw[STATS_AT + self.index] = self._busy_us()
                 if not self.is_last:
                     links.forward_header(raw)
                     if not inline:
                         links.send_tensor(positions)
                     links.send_tensor(out)
                 elif sample_now:
-                    links.send_tokens(out)
+                    stats = raw[STATS_AT : STATS_AT + min(self.n_stages, MAX_STATS)]
+                    pad = torch.zeros(max(0, self.n_stages - MAX_STATS), dtype=torch.long, device=raw.device)
+                    links.send_tokens(torch.cat([out.to(raw.device), stats, pad]))
                 continue
-            if kind == Kind.BEGIN:
-                batch, n_groups, capacity, max_tokens, n_eos, seed = h[1:7]
-                floats = links.recv_tensor((2 + n_eos,), torch.float64)
-                temperature, top_p, *eos = floats.tolist()
-                params = GenerationParams(
-                    max_tokens=max_tokens,
-                    sampling=SamplingParams(temperature, top_p, seed),
-                    eos_ids=tuple(int(e) for e in eos),
-                )
-                self._groups = split_rows(batch, n_groups)
-                self.stage.begin(batch, capacity, params)
+            if kind == Kind.SETUP:
+                self.stage.begin(h[1], h[2], GenerationParams())
+            elif kind == Kind.ADMIT:
+                n = h[1]
+                f = raw[HEADER_LEN : HEADER_LEN + n * Admission.FIELDS].tolist()
+                self.stage.admit([Admission.unpack(f[i : i + Admission.FIELDS]) for i in range(0, len(f), 6)])
             elif kind == Kind.END:
                 self.stage.end()
             if not self.is_last:
                 links.forward_header(raw)
-                if kind == Kind.BEGIN:
-                    links.send_tensor(floats)
             if kind in (Kind.END, Kind.STOP):
                 links.flush()
             if kind == Kind.STOP:

@@ -1,0 +1,311 @@
+"""Continuous batching on rank 0: the one generation loop, for a static batch and for a server.
+
+The unit of scheduling is a sequence. Cache rows are slots, split into M lanes (contiguous slot
+ranges); a sequence takes a free slot of the lane with most room when admitted and gives it back
+when it finishes (EOS, max_tokens, a stop string from its callback) or is cancelled. Each step of
+a lane sends up to two units into the ring: one decode token for each of its decoding sequences,
+and prefill chunks of its waiting prompts up to a token budget, so new prompts enter without
+stalling the others. A lane waits for its sampled tokens before its next step; with M >= P lanes
+in flight every stage has work. Rank 0 alone decides when a sequence ends; the last stage only
+samples, with the parameters it got at admission.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from distributed.pipeline import DEFAULT_CHUNK_NO_WINDOW, Admission, GenerationParams, Pipeline, Unit, split_rows
+from model.cache import cache_capacity
+from model.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos_ids: tuple[int, ...] = ()
+    seq_index: int = 0  # mixed into seeded draws (the prompt's index within its request)
+    # Called on rank 0 for every new token; returning False ends the sequence (a stop string).
+    on_token: Callable[[Sequence, int], bool] | None = None
+    on_finish: Callable[[Sequence], None] | None = None  # once, with finish_reason set
+    out: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # stop, length, cancelled, or "error: ..."
+    cancelled: bool = False  # set from any thread: the client left
+    slot: int = -1
+    lane: int = -1
+    prefilled: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt)
+
+
+class Scheduler:
+    """Drives one session of the pipeline: `slots` cache rows of `capacity` positions in `lanes`."""
+
+    def __init__(
+        self, pipeline: Pipeline, slots: int, lanes: int, capacity: int, chunk: int, token_budget: int | None
+    ) -> None:
+        self.pipeline, self.capacity, self.chunk = pipeline, capacity, chunk
+        self.token_budget = token_budget or math.inf
+        self.lanes = split_rows(slots, lanes)
+        self.free = [list(range(r.start, r.stop)) for r in self.lanes]  # per lane, lowest first
+        self.running: list[list[Sequence]] = [[] for _ in self.lanes]
+        self.waiting: deque[tuple[Sequence, int | None]] = deque()  # (sequence, fixed slot)
+        self.expected: deque[tuple[int, list[Sequence]]] = deque()  # (lane, sequences sampled)
+        self.in_flight = [0] * len(self.lanes)  # sampling units of each lane not answered yet
+        self.busy_seconds = [0.0] * pipeline.n_stages
+        pipeline.setup(slots, capacity)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def submit(self, seq: Sequence, slot: int | None = None) -> None:
+        if seq.max_tokens == 0:
+            self._finish(seq, "length")
+        else:
+            self.waiting.append((seq, slot))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.waiting or self.expected or any(self.running))
+
+    @property
+    def n_running(self) -> int:
+        return sum(len(r) for r in self.running)
+
+    def step(self) -> None:
+        """Admit what fits, give every lane that is not waiting its next step, then take one answer."""
+        self._reap_cancelled()
+        self._admit()
+        for lane in range(len(self.lanes)):
+            if self.in_flight[lane] == 0:
+                for unit, sampled in self._lane_step(lane):
+                    self.pipeline.dispatch(unit)
+                    if unit.sample:
+                        self.expected.append((lane, sampled))
+                        self.in_flight[lane] += 1
+        if self.expected:
+            self._receive()
+
+    def close(self) -> None:
+        self.pipeline.end()
+
+    def fail(self, reason: str) -> None:
+        """End every sequence (the pipeline is gone)."""
+        for seq in [s for lane in self.running for s in lane] + [s for s, _ in self.waiting]:
+            self._finish(seq, reason)
+        self.waiting.clear()
+
+    # -- admission and release ----------------------------------------------------------------
+    def _admit(self) -> None:
+        admitted: list[Admission] = []
+        while self.waiting:
+            seq, fixed = self.waiting[0]
+            if seq.cancelled:
+                self.waiting.popleft()
+                self._finish(seq, "cancelled")
+                continue
+            if fixed is not None:
+                lane = next(i for i, r in enumerate(self.lanes) if r.start <= fixed < r.stop)
+                if fixed not in self.free[lane]:
+                    break
+                slot = fixed
+            else:
+                lane = max(range(len(self.lanes)), key=lambda i: len(self.free[i]))
+                if not self.free[lane]:
+                    break  # first come, first served: nobody overtakes the head of the queue
+                slot = self.free[lane][0]
+            self.waiting.popleft()
+            self.free[lane].remove(slot)
+            seq.slot, seq.lane, seq.prefilled = slot, lane, 0
+            self.running[lane].append(seq)
+            admitted.append(Admission(slot, len(seq.prompt), seq.seq_index, seq.sampling))
+        if admitted:
+            self.pipeline.admit(admitted)
+
+    def _reap_cancelled(self) -> None:
+        # A lane with answers outstanding may still sample a cancelled sequence's slot: its
+        # release then waits for that answer.
+        for lane, seqs in enumerate(self.running):
+            if self.in_flight[lane] == 0:
+                for seq in [s for s in seqs if s.cancelled]:
+                    self._finish(seq, "cancelled")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.finish_reason is not None:
+            return
+        seq.finish_reason = reason
+        if seq.slot >= 0 and seq in self.running[seq.lane]:
+            self.running[seq.lane].remove(seq)
+            self.free[seq.lane].append(seq.slot)
+            self.free[seq.lane].sort()
+        if seq.on_finish is not None:
+            seq.on_finish(seq)
+
+    # -- units ----------------------------------------------------------------------------------
+    def _lane_step(self, lane: int) -> list[tuple[Unit, list[Sequence]]]:
+        seqs = self.running[lane]
+        units = []
+        decoders = sorted((s for s in seqs if s.decoding), key=lambda s: s.slot)
+        if decoders:
+            # The j-th generated token (0-based) sits at position len(prompt) + j.
+            work = [(s, [s.out[-1]], len(s.prompt) + len(s.out) - 1) for s in decoders]
+            units.append((self._unit(work, sample=True), decoders))
+        budget = self.token_budget
+        chunks = []
+        for s in seqs:  # admission order
+            n = int(min(self.chunk, len(s.prompt) - s.prefilled, budget))
+            if s.decoding or n <= 0:
+                continue
+            chunks.append((s, s.prompt[s.prefilled : s.prefilled + n], s.prefilled))
+            s.prefilled += n
+            budget -= n
+        if chunks:
+            chunks.sort(key=lambda c: c[0].slot)
+            sampled = [s for s, _, _ in chunks if s.decoding]
+            units.append((self._unit(chunks, sample=bool(sampled)), sampled))
+        return units
+
+    @staticmethod
+    def _unit(work: list[tuple[Sequence, list[int], int]], sample: bool) -> Unit:
+        """work: (sequence, its tokens, position of the first), sorted by slot. Rows between the
+        first and last slot that have no work are padding."""
+        first, last = work[0][0].slot, work[-1][0].slot
+        t = max(len(ids) for _, ids, _ in work)
+        tokens = torch.zeros(last - first + 1, t, dtype=torch.long)
+        positions = torch.full((last - first + 1, t), -1, dtype=torch.long)
+        for s, ids, start in work:
+            tokens[s.slot - first, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            positions[s.slot - first, : len(ids)] = torch.arange(start, start + len(ids))
+        return Unit(slice(first, last + 1), tokens, positions, sample)
+
+    def _receive(self) -> None:
+        lane, sampled = self.expected.popleft()
+        tokens, self.busy_seconds = self.pipeline.result(len(sampled))
+        self.in_flight[lane] -= 1
+        for seq, tok in zip(sampled, tokens, strict=True):
+            if seq.finish_reason is not None:
+                continue
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+            elif tok in seq.eos_ids:
+                self._finish(seq, "stop")
+            else:
+                seq.out.append(tok)
+                keep = seq.on_token(seq, tok) if seq.on_token is not None else True
+                if not keep:
+                    self._finish(seq, "stop")
+                elif len(seq.out) >= seq.max_tokens:
+                    self._finish(seq, "length")
+
+
+def generate_batch(
+    pipeline: Pipeline,
+    prompts: list[list[int]],
+    params: GenerationParams,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """A static batch through the scheduler: prompt b takes slot b, lanes are the M micro-batches,
+    and every prompt is prefilled one chunk per step without a budget."""
+    args = pipeline.stage.model.args
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        bad = [t for t in p if not 0 <= t < args.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {args.vocab_size})")
+    if not prompts or params.max_tokens == 0:
+        return [[] for _ in prompts]
+    capacity = cache_capacity(args.sliding_window, max(map(len, prompts)) + params.max_tokens)
+    chunk = params.chunk_size or args.sliding_window or DEFAULT_CHUNK_NO_WINDOW
+    lanes = params.num_microbatches or pipeline.n_stages
+    sched = Scheduler(pipeline, len(prompts), lanes, capacity, chunk, token_budget=None)
+
+    def tell(seq: Sequence, tok: int) -> bool:
+        if on_token is not None:
+            on_token(seq.seq_index, tok)
+        return True
+
+    seqs = [Sequence(p, params.max_tokens, params.sampling, params.eos_ids, b, tell) for b, p in enumerate(prompts)]
+    for b, seq in enumerate(seqs):
+        sched.submit(seq, slot=b)
+    while sched.active:
+        sched.step()
+    sched.close()
+    return [s.out for s in seqs]
+
+
+class Engine:
+    """Rank 0's serving loop: runs the scheduler while requests arrive from other threads.
+
+    submit(), request_stop() and the sequences' `cancelled` flags are what other threads touch.
+    When the pipeline fails (a stage is lost) every open sequence ends with "error: ...",
+    `error` is set, and run() re-raises after `grace_s` (time for the errors to reach clients)."""
+
+    def __init__(self, scheduler: Scheduler, keepalive_s: float, grace_s: float = 1.0) -> None:
+        self.scheduler, self.keepalive_s, self.grace_s = scheduler, keepalive_s, grace_s
+        self.inbox: queue.Queue[Sequence | None] = queue.Queue()
+        self.error: str | None = None
+        self.on_step: Callable[[Scheduler], None] | None = None  # metrics, after every step
+        self._stopping = False
+        self._lock = threading.Lock()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:  # against fail(): nothing submitted after it is left waiting
+            if self.error is None:
+                self.inbox.put(seq)
+                return
+        seq.finish_reason = f"error: {self.error}"
+        if seq.on_finish is not None:
+            seq.on_finish(seq)
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self.inbox.put(None)
+
+    @property
+    def queue_depth(self) -> int:
+        return self.inbox.qsize() + len(self.scheduler.waiting)
+
+    def run(self) -> None:
+        """Serve until request_stop(); the session stays open (the caller ends it)."""
+        sched, last_sent = self.scheduler, time.monotonic()
+        try:
+            while not self._stopping:
+                block = not sched.active
+                try:
+                    while True:
+                        item = self.inbox.get(block=block, timeout=self.keepalive_s if block else None)
+                        block = False
+                        if item is not None:
+                            sched.submit(item)
+                except queue.Empty:
+                    pass
+                if self._stopping:
+                    break
+                if sched.active:
+                    sched.step()
+                    last_sent = time.monotonic()
+                elif time.monotonic() - last_sent >= self.keepalive_s:
+                    sched.pipeline.keepalive()  # the other ranks stay inside their timeout
+                    last_sent = time.monotonic()
+                if self.on_step is not None:
+                    self.on_step(sched)
+        except Exception as e:  # a lost stage (PeerLost): nobody can be served any more
+            with self._lock:
+                self.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            sched.fail(f"error: {self.error}")
+            while not self.inbox.empty():
+                item = self.inbox.get_nowait()
+                if item is not None:
+                    self.submit(item)
+            time.sleep(self.grace_s)
+            raise
