@@ -19,6 +19,7 @@ from launch.options import (
     MakeCheckpointOptions,
     QuantizeOptions,
     RunOptions,
+    ServeOptions,
 )
 from launch.perplexity import PerplexityOptions
 from launch.runtime import Runtime, default_model, log
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[type, str]] = {
     "demo": (DemoOptions, "generate for a few built-in prompts and print timing"),
     "interactive": (InteractiveOptions, "type prompts, see tokens stream back"),
     "generate": (GenerateOptions, "prompts from a JSONL file to a JSONL file"),
+    "serve": (ServeOptions, "OpenAI-compatible HTTP server with continuous batching"),
     "make-checkpoint": (MakeCheckpointOptions, "write a random-weights checkpoint from a config"),
     "perplexity": (PerplexityOptions, "perplexity on a text file (windows of --context tokens)"),
     "quantize": (QuantizeOptions, "write an int8 / int4 weight-only quantized checkpoint"),
@@ -114,6 +116,13 @@ def run(name: str, opts: RunOptions) -> None:
         elif name == "generate":
             assert isinstance(opts, GenerateOptions)
             cmd = Generate(rt, model_dir, opts)
+        elif name == "serve":
+            try:
+                from launch.server import Serve
+            except ImportError as e:
+                raise ConfigError(f"serve needs {e.name}: pip install -e '.[serve]'") from None
+            assert isinstance(opts, ServeOptions)
+            cmd = Serve(rt, model_dir, opts)
         else:
             assert isinstance(opts, InteractiveOptions)
             cmd = Interactive(rt, model_dir, opts)

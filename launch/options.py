@@ -30,6 +30,8 @@ class RunOptions:
     attention: str = field(default="auto", choices=["auto", "sdpa", "xformers"])  # attention kernel
     threads: int | None = None  # torch CPU threads per rank; unset: OMP_NUM_THREADS, else cores / ranks per node
     dist_timeout: float = 120.0  # seconds before a silent peer is declared lost and the job ends
+    # decode steps through torch.compile (inductor; one compile per batch shape and cache bucket, printed)
+    compile: bool = False
     # weight-only quantization of each stage's linears at load (int8 per channel, int4 group-wise);
     # unset: as the checkpoint is (a quantized checkpoint runs in its own format)
     quantize: str | None = field(default=None, choices=["none", "int8", "int4"])
@@ -86,3 +88,19 @@ class QuantizeOptions:
     group_size: int = 32  # int4 group size (input columns sharing a scale and zero point)
     # dtype of the tensors left unquantized (embedding, norms, router); unset: as stored (float32 for GGUF)
     dtype: str | None = field(default=None, choices=["float32", "bfloat16", "float16"])
+
+
+@dataclass
+class ServeOptions(RunOptions):
+    """Serve OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)
+    with continuous batching; rank 0 listens. --num_microbatches is the number of lanes in flight
+    (unset: the number of stages); --max_tokens is the default for requests that give none."""
+
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0: every interface)
+    port: int = 8000  # TCP port (0: any free port, printed at startup)
+    max_batch: int = 16  # sequences decoding at once (cache slots)
+    max_queue: int = 256  # sequences waiting for a slot before requests get 429
+    api_key: str | None = None  # require "Authorization: Bearer KEY" on /v1/*
+    token_budget: int = 256  # prompt tokens prefilled per lane step, beside the decoding sequences
+    max_context: int = 2048  # tokens per slot for models without a sliding window (prompt + output)
+    model_name: str | None = None  # the name /v1/models reports and requests must use; unset: the file's

@@ -1,0 +1,364 @@
+"""Weight-only int8 / int4 linears: the formats, their error-bounded (de)quantization, and the CPU
+kernels PyTorch ships for them.
+
+Formats (canonical: what a quantized checkpoint stores and what load_stage builds, tensor by tensor):
+  int8  per output channel, symmetric:  w[n, k] = qweight[n, k] * scales[n]
+        qweight int8 [N, K], scales float32 [N]
+  int4  group-wise with a zero point:   w[n, k] = q[n, k] * scales[n, g] + mins[n, g],  g = k // group
+        q in 0..15 packed two per byte: qweight uint8 [N, K/2], column 2j in the low nibble, 2j+1 high;
+        scales, mins float16 [N, K/group]. GGUF Q4_0 (w = (q - 8) d) and Q4_1 (w = q d + m), block 32,
+        map onto this exactly (scales = d, mins = -8 d or m).
+
+What is quantized: every linear a decode step streams (attention, dense and expert feed-forward, the
+output head); the output head is int8 at most (int4 there costs the most accuracy for the least
+memory). Kept in the run dtype: the token embedding (only gathered, a row per token: quantizing it
+saves memory but no time), the norms and the MoE router (tiny, and routing is sensitive).
+
+Kernels (QuantLinear.prepare, once after load and after fusing): on CPU int8 runs
+aten._weight_int8pack_mm and int4 aten._weight_int4pack_mm_for_cpu (weights re-laid out once), both
+with bf16 activations; for many rows (prefill) those kernels are slower than a bf16 GEMM, so the
+weight is dequantized to the activation dtype and multiplied by F.linear instead. Other devices
+(CUDA) dequantize and use F.linear: correct and memory-saving, not fast (no GPU was available to test
+torchao's or PyTorch's CUDA int4/int8 kernels).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ConfigError
+
+MODES = ("none", "int8", "int4")
+DEFAULT_GROUP_SIZE = 32
+# Rows (tokens in a step) above which dequantize + F.linear beats the packed kernels (measured on a
+# 2-core Zen 4 with a Mistral-7B-shaped 14336 x 4096 weight: the kernels are 2-3x slower than a bf16
+# GEMM at 64 rows and 1.5-2x faster at 1 row).
+KERNEL_MAX_ROWS = 8
+_INT4_BLOCK_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    mode: str  # "int8" or "int4"
+    group_size: int = DEFAULT_GROUP_SIZE  # int4 only
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("int8", "int4"):
+            raise ConfigError(f"unknown quantization {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.group_size < 2 or self.group_size % 2:
+            raise ConfigError(f"--group_size must be an even number >= 2, got {self.group_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "group_size": self.group_size} if self.mode == "int4" else {"mode": self.mode}
+
+    def describe(self) -> str:
+        return f"int4 (group {self.group_size})" if self.mode == "int4" else self.mode
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> QuantSpec:
+        if not isinstance(raw, dict) or raw.get("mode") not in ("int8", "int4"):
+            raise ConfigError(f"{where}: 'quantization' must be {{\"mode\": \"int8\"|\"int4\", \"group_size\": N}}")
+        return cls(raw["mode"], int(raw.get("group_size", DEFAULT_GROUP_SIZE)))
+
+
+def parse_quantize(mode: str | None, group_size: int = DEFAULT_GROUP_SIZE) -> QuantSpec | None:
+    """--quantize as given: None when unset or 'none'."""
+    if mode is None or mode == "none":
+        return None
+    return QuantSpec(mode, group_size)
+
+
+def is_quantizable(name: str) -> bool:
+    """Whether a checkpoint tensor is the weight of a linear that quantization converts."""
+    if not name.endswith(".weight"):
+        return False
+    return name == "output.weight" or ".attention.w" in name or ".feed_forward.w" in name or ".experts." in name
+
+
+def spec_for(name: str, spec: QuantSpec) -> QuantSpec:
+    """The output head is int8 at most."""
+    return QuantSpec("int8") if name == "output.weight" and spec.mode == "int4" else spec
+
+
+def suffixes(mode: str) -> tuple[str, ...]:
+    return ("qweight", "scales") if mode == "int8" else ("qweight", "scales", "mins")
+
+
+def check_shape(name: str, shape: tuple[int, ...], spec: QuantSpec) -> None:
+    if spec.mode == "int4" and shape[1] % spec.group_size:
+        raise ConfigError(
+            f"{name}: input dimension {shape[1]} is not a multiple of the int4 group size {spec.group_size}; "
+            f"choose a --group_size that divides it (e.g. {_divisor_hint(shape[1])}) or use --quantize int8"
+        )
+
+
+def _divisor_hint(n: int) -> int:
+    return next(g for g in (128, 64, 32, 16, 8, 4, 2) if n % g == 0) if n % 2 == 0 else 0
+
+
+# -- quantize / dequantize (canonical formats) ------------------------------------------------------
+
+
+def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """w [N, K] (any float dtype) -> the canonical tensors of spec's format."""
+    w = w.detach().float()
+    if spec.mode == "int8":
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [N]
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return {"qweight": q, "scales": scales}
+    n, k = w.shape
+    g = spec.group_size
+    wg = w.view(n, k // g, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/g]
+    # Round scale and offset to their stored precision first, so q is computed against what is stored.
+    scales = ((hi - lo) / 15).to(torch.float16)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    mins = lo.to(torch.float16)
+    q = torch.round((wg - mins.float()[..., None]) / scales.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    return {"qweight": pack_nibbles(q.view(n, k)), "scales": scales, "mins": mins}
+
+
+def dequantize(t: dict[str, torch.Tensor], mode: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The canonical tensors -> the weight [N, K] in dtype."""
+    if mode == "int8":
+        return (t["qweight"].to(dtype) * t["scales"].to(dtype)[:, None]).to(dtype)
+    q = unpack_nibbles(t["qweight"])  # [N, K] uint8
+    n, k = q.shape
+    groups = t["scales"].shape[1]
+    w = q.view(n, groups, k // groups).float() * t["scales"].float()[..., None] + t["mins"].float()[..., None]
+    return w.view(n, k).to(dtype)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[N, K] values 0..15 -> [N, K/2] uint8, column 2j low, 2j+1 high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """[N, K/2] uint8 -> [N, K] values 0..15."""
+    return torch.stack([p & 15, p >> 4], dim=-1).view(p.shape[0], -1)
+
+
+def error_bound(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Largest |w - dequantize(quantize(w))| allowed per row [N]: half a step (plus float16 rounding of
+    the int4 scale and offset, a few units in the last place of each)."""
+    w = w.float()
+    if spec.mode == "int8":
+        return w.abs().amax(1) / 127 / 2 * (1 + 1e-5)
+    n, k = w.shape
+    wg = w.view(n, k // spec.group_size, spec.group_size)
+    step = (wg.amax(-1) - wg.amin(-1)) / 15  # [N, K/g]
+    slack = 2e-3 * wg.abs().amax(-1)  # float16 scale/min rounding, times up to 15 steps
+    return (step / 2 + slack).amax(1) * (1 + 1e-5)
+
+
+# -- GGUF blocks straight into the int4 format --------------------------------------------------------
+
+
+def gguf_int4(source: Any, name: str, spec: QuantSpec) -> dict[str, torch.Tensor] | None:
+    """A GGUF Q4_0 / Q4_1 tensor as canonical int4 without a float detour, when spec's group is the
+    block size (32); None when the tensor is stored otherwise (the caller quantizes the float)."""
+    if spec.mode != "int4" or spec.group_size != 32 or getattr(source, "kind", "") != "gguf":
+        return None
+    from gguf import GGMLQuantizationType as Q
+
+    entry = getattr(source, "_map", {}).get(name)
+    if entry is None or entry[0].tensor_type not in (Q.Q4_0, Q.Q4_1):
+        return None
+    t, expert = entry
+    raw = np.ascontiguousarray(t.data if expert is None else t.data[expert])
+    n, k = source.shape(name)
+    head = 2 if t.tensor_type == Q.Q4_0 else 4  # fp16 d (and fp16 m) before 16 bytes of nibbles
+    blocks = torch.from_numpy(raw.reshape(n, k // 32, head + 16))
+    d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)  # [N, K/32]
+    m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1) if head == 4 else (d.float() * -8).half()
+    qs = blocks[..., head:]  # [N, K/32, 16]: element j in the low nibble of byte j, j + 16 in the high one
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(n, k)
+    return {"qweight": pack_nibbles(q), "scales": d.clone(), "mins": m.clone()}
+
+
+# -- the module --------------------------------------------------------------------------------------
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T with W held as int8 or int4 (canonical buffers until prepare())."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, device: torch.device | str = "meta"):
+        super().__init__()
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        n, k = out_features, in_features
+        if spec.mode == "int8":
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(n, dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+            g = k // spec.group_size
+            self.register_buffer("scales", torch.empty(n, g, dtype=torch.float16, device=device))
+            self.register_buffer("mins", torch.empty(n, g, dtype=torch.float16, device=device))
+        self.qweight: torch.Tensor
+        self.scales: torch.Tensor
+        self.mins: torch.Tensor
+        self.kernel = "generic"  # "int8cpu" / "int4cpu" after prepare() on CPU
+        self._sz: torch.Tensor | None = None  # int4 CPU: [K/g, N, 2] bf16 (scale, zero)
+        self._scales_bf16: torch.Tensor | None = None
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor], spec: QuantSpec, in_features: int) -> QuantLinear:
+        mod = cls(in_features, t["qweight"].shape[0], spec)
+        for k, v in t.items():
+            setattr(mod, k, v)
+        return mod
+
+    def canonical(self) -> dict[str, torch.Tensor]:
+        assert self.kernel == "generic" or self.spec.mode == "int8", "int4 weights were re-laid out for the kernel"
+        return {s: getattr(self, s) for s in suffixes(self.spec.mode)}
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + (
+            self._sz.numel() * self._sz.element_size() if self._sz is not None else 0
+        )
+
+    def prepare(self) -> None:
+        """Re-lay the weights for this device's kernel (once, after loading and fusing)."""
+        if self.kernel != "generic" or self.qweight.device.type != "cpu":
+            return
+        if self.spec.mode == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            self._scales_bf16 = self.scales.to(torch.bfloat16)
+            self.kernel = "int8cpu"
+        elif self.spec.mode == "int4" and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+            q = unpack_nibbles(self.qweight).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            del q
+            # The kernel computes (q - 8) * scale + zero: zero = min + 8 * scale.
+            s, m = self.scales.float(), self.mins.float()
+            self._sz = torch.stack([s.t(), (m + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+            self.qweight = packed
+            self.scales = self.mins = torch.empty(0)
+            self.kernel = "int4cpu"
+
+    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.kernel != "int4cpu":
+            return dequantize(self.canonical(), self.spec.mode, dtype)
+        # Undo the CPU kernel's layout (blocks of 64 output rows, [K, 32] bytes each; row j of a block
+        # in the low nibble, row 32 + j in the high one), then apply (q - 8) * scale + zero.
+        n, k = self.out_features, self.in_features
+        b = self.qweight.view(n // _INT4_BLOCK_ROWS, k, 32)
+        q = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
+        assert self._sz is not None
+        sz = self._sz.to(dtype)  # [K/g, N, 2]
+        g = self.spec.group_size
+        w = (q.view(n, k // g, g).to(dtype) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.view(n, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)  # [rows, K]
+        rows = x2.shape[0]
+        few = rows <= KERNEL_MAX_ROWS
+        if self.kernel == "int8cpu" and few:
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16)
+        elif self.kernel == "int4cpu" and (few or self.out_features % _INT4_BLOCK_ROWS):
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group_size, self._sz
+            )
+        else:
+            y = F.linear(x2, self._weight(x.dtype))
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        spec = self.spec.describe()
+        return f"in_features={self.in_features}, out_features={self.out_features}, {spec}, {self.kernel}"
+
+
+# -- model-level passes ------------------------------------------------------------------------------
+
+
+def install(model: nn.Module, names: set[str], spec: QuantSpec) -> None:
+    """Swap the nn.Linear of every `<module>.weight` in names for a (meta) QuantLinear of its spec."""
+    for full in sorted(names):
+        path = full.removesuffix(".weight")
+        parent_name, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        lin = getattr(parent, child)
+        assert isinstance(lin, nn.Linear), full
+        setattr(parent, child, QuantLinear(lin.in_features, lin.out_features, spec_for(full, spec)))
+
+
+def fuse_quantized(model: nn.Module) -> int:
+    """The quantized twin of model.layers.fuse_projections: wq|wk|wv -> wqkv and w1|w3 -> w13 by
+    concatenating the int data and scales along the output dimension (rows are independent in both
+    formats). Run before prepare(). Returns the groups fused."""
+    from model.layers import Attention, FeedForward
+
+    groups: dict[type, tuple[str, tuple[str, ...]]] = {
+        Attention: ("wqkv", ("wq", "wk", "wv")),
+        FeedForward: ("w13", ("w1", "w3")),
+    }
+    n = 0
+    for mod in list(model.modules()):
+        group = groups.get(type(mod))
+        if group is None or not hasattr(mod, group[0]) or getattr(mod, group[0]) is not None:
+            continue  # a model without fused projections, or already fused
+        fused_name, names = group
+        parts = [getattr(mod, name, None) for name in names]
+        if not all(isinstance(p, QuantLinear) and p.kernel == "generic" for p in parts):
+            continue
+        qparts = [p for p in parts if isinstance(p, QuantLinear)]
+        if len({p.spec for p in qparts}) != 1:
+            continue
+        cat = {s: torch.cat([getattr(p, s) for p in qparts]) for s in suffixes(qparts[0].spec.mode)}
+        setattr(mod, fused_name, QuantLinear.from_tensors(cat, qparts[0].spec, qparts[0].in_features))
+        for name in names:
+            delattr(mod, name)
+        n += 1
+    return n
+
+
+def prepare(model: nn.Module) -> int:
+    """QuantLinear.prepare on every quantized linear; returns how many there are."""
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in mods:
+        m.prepare()
+    return len(mods)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the stage's weights: parameters plus quantized buffers (as the kernels hold them)."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return params + sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
+
+
+# -- the quantization block of a checkpoint ---------------------------------------------------------
+
+
+def source_quantization(source: Any) -> QuantSpec | None:
+    """The `quantization` block of a native checkpoint's params.json, if any."""
+    if getattr(source, "kind", "") != "native":
+        return None
+    params = Path(source.path) / "params.json"
+    raw = json.loads(params.read_text())
+    return QuantSpec.from_dict(raw["quantization"], str(params)) if "quantization" in raw else None
+
+
+def resolve(source: Any, requested: QuantSpec | None, flag_given: bool) -> QuantSpec | None:
+    """What a load quantizes to: the checkpoint's own quantization unless --quantize says otherwise,
+    which is an error for a quantized checkpoint (its float weights are gone)."""
+    stored = source_quantization(source)
+    if stored is None:
+        return requested
+    if flag_given and requested != stored:
+        want = requested.describe() if requested is not None else "none"
+        raise ConfigError(
+            f"{source.path} is quantized {stored.describe()} but --quantize asks for {want}; run it with "
+            f"--quantize {stored.mode}{f' --group_size {stored.group_size}' if stored.mode == 'int4' else ''} "
+            f"(or leave --quantize out), or quantize the original float model"
+        )
+    return stored
