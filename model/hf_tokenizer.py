@@ -111,15 +111,7 @@ class HFTokenizer(Tokenizer):
         return list(self._tk.encode(text, add_special_tokens=bos).ids)
 
     def decode(self, ids: list[int]) -> str:
-        ids = [int(i) for i in ids]
-        n = self.n_words
-        bad = [i for i in ids if not 0 <= i < n]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {n}) ({self.path}); "
-                "does the model's vocab_size match the tokenizer?"
-            )
-        text = str(self._tk.decode(ids, skip_special_tokens=True))
+        text = str(self._tk.decode(self.checked_ids(ids), skip_special_tokens=True))
         return _clean_up_tokenization(text) if self._clean_up else text
 
     def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:

@@ -82,6 +82,18 @@ class Tokenizer(ABC):
     def decode(self, ids: list[int]) -> str:
         """Text for ids; special/control tokens (BOS, EOS, chat markers) decode to nothing."""
 
+    def checked_ids(self, ids: list[int]) -> list[int]:
+        """ids as ints, or a ValueError naming the first one outside [0, n_words)."""
+        ids = [int(i) for i in ids]
+        n = self.n_words
+        bad = [i for i in ids if not 0 <= i < n]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {n}) ({self.path}); "
+                "does the model's vocab_size match the tokenizer?"
+            )
+        return ids
+
     def encode_chat(self, messages: list[Message]) -> list[int]:
         """A conversation, ready for the assistant's reply: the model's chat template where it has
         one (rendered as transformers does), else Mistral's ``[INST] ... [/INST]`` format."""
@@ -166,15 +178,7 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         """Text for ``ids``; control ids (BOS, EOS) decode to nothing."""
-        ids = [int(i) for i in ids]
-        n = self.n_words
-        bad = [i for i in ids if not 0 <= i < n]
-        if bad:
-            raise ValueError(
-                f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {n}) ({self.path}); "
-                "does params.json's vocab_size match the tokenizer?"
-            )
-        return str(self._sp.decode(ids))
+        return str(self._sp.decode(self.checked_ids(ids)))
 
     def id_to_piece(self, token_id: int) -> str:
         return str(self._sp.id_to_piece(int(token_id)))
