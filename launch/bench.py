@@ -57,6 +57,7 @@ from model.attention import get_backend
 from model.cache import cache_capacity
 from model.checkpoint import DTYPES, parse_dtype
 from model.cpu_kernels import pack_linears
+from model.layers import fuse_projections
 from model.sampling import SamplingParams
 from model.transformer import Transformer
 
@@ -277,7 +278,8 @@ def build_pipeline(rt: Runtime, opts: BenchOptions) -> tuple[Pipeline, str]:
         args, split[rt.rank], rt.rank == 0, rt.rank == rt.n_stages - 1, dtype, rt.device, opts.init_seed
     )
     model.attention = get_backend(opts.attention, rt.device)
-    pack_linears(model)  # as Runtime.load does: CPU bf16 linears on oneDNN's packed layout
+    fuse_projections(model)  # as Runtime.load does: fused q|k|v and w1|w3, then
+    pack_linears(model)  # CPU bf16 linears on oneDNN's packed layout
     from distributed.p2p import Links
 
     links = Links(rt.rank, rt.n_stages, rt.device) if rt.n_stages > 1 else None

@@ -10,6 +10,7 @@ import torch
 
 from model.args import ConfigError
 from model.cpu_kernels import unpack_linears
+from model.layers import unfuse_projections
 from model.transformer import Transformer
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ def hf_model_from(model: Transformer) -> torch.nn.Module:
         config = transformers.MistralConfig(**kwargs)
         cls = transformers.MistralForCausalLM
     unpack_linears(model)  # the engine is done with it; transformers needs plain weights
+    unfuse_projections(model)  # and the checkpoint's separate q/k/v and w1/w3
     sd = dict(model.state_dict())
     dtype, device = sd["output.weight"].dtype, sd["output.weight"].device
     with torch.device("meta"):

@@ -30,6 +30,8 @@ class RunOptions:
     attention: str = field(default="auto", choices=["auto", "sdpa", "xformers"])  # attention kernel
     threads: int | None = None  # torch CPU threads per rank; unset: OMP_NUM_THREADS, else cores / ranks per node
     dist_timeout: float = 120.0  # seconds before a silent peer is declared lost and the job ends
+    # decode steps through torch.compile (inductor; one compile per batch shape and cache bucket, printed)
+    compile: bool = False
     # weight-only quantization of each stage's linears at load (int8 per channel, int4 group-wise);
     # unset: as the checkpoint is (a quantized checkpoint runs in its own format)
     quantize: str | None = field(default=None, choices=["none", "int8", "int4"])

@@ -23,6 +23,7 @@ from model.attention import get_backend
 from model.checkpoint import expected_shapes, load_stage, parse_dtype
 from model.cpu_kernels import pack_linears
 from model.formats import Source
+from model.layers import fuse_projections
 from model.quant import fuse_quantized, parse_quantize
 from model.quant import prepare as prepare_quantized
 from model.sampling import SamplingParams
@@ -135,7 +136,10 @@ class Runtime:
         model.attention = get_backend(self.opts.attention, self.device)
         fuse_quantized(model)  # wq|wk|wv and w1|w3 of linears quantized at load, then their kernels' layout
         prepare_quantized(model)
+        fuse_projections(model)  # wq|wk|wv and w1|w3 as one linear each (after the LoRA merge)
         pack_linears(model)  # CPU bf16 only; a no-op elsewhere
+        if self.opts.compile:
+            model.compile_decode()  # compiles at the first decode step of each shape (bench reports the time)
         links = Links(self.rank, self.n_stages, self.device) if self.n_stages > 1 else None
         return Pipeline(model, self.rank, self.n_stages, self.device, links)
 

@@ -1,0 +1,100 @@
+"""Issue 12's decode paths give the same numbers as the plain model: fused projections (wq|wk|wv,
+w1|w3) and torch.compile'd decode steps. Timings are benchmarks (docs/benchmarks.md), never tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import CONFIGS, prompts, random_state
+
+from distributed.pipeline import GenerationParams, Pipeline
+from model.args import ModelArgs
+from model.cpu_kernels import PackedLinear, pack_linears
+from model.layers import fuse_projections, rope_tables, rotary, unfuse_projections
+from model.transformer import Transformer, compile_bucket
+
+
+def build(name: str, dtype: torch.dtype = torch.float32) -> Transformer:
+    model = Transformer(ModelArgs.from_dict(CONFIGS[name]))
+    model.load_state_dict(random_state(CONFIGS[name]))
+    return model.to(dtype).eval()
+
+
+def logits(model: Transformer, tokens: list[int], chunk: int) -> torch.Tensor:
+    """All-position logits [T, V], prefilled in chunks, then one decode step per remaining token."""
+    cache = model.make_cache(1, 64)
+    outs = []
+    with torch.inference_mode():
+        for s in range(0, len(tokens), chunk):
+            ids = torch.tensor([tokens[s : s + chunk]])
+            outs.append(model(ids, torch.arange(s, s + ids.shape[1])[None], cache)[0])
+    return torch.cat(outs)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_fused_projections_give_identical_logits_and_unfuse_restores_names(name: str) -> None:
+    plain, fused = build(name), build(name)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    n_ffn = sum(1 for m in fused.modules() if type(m).__name__ == "FeedForward")
+    assert fuse_projections(fused) == len(fused.layers) + n_ffn
+    names = set(fused.state_dict())
+    assert any(k.endswith("attention.wqkv.weight") for k in names) and not any(".wq." in k for k in names)
+    assert any(k.endswith("w13.weight") for k in names) and not any(".w1." in k for k in names)
+    assert fuse_projections(fused) == 0  # idempotent
+    toks = prompts(lengths=(20,))[0]
+    assert torch.equal(logits(plain, toks, 6), logits(fused, toks, 6))
+    unfuse_projections(fused)
+    after = fused.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.timeout(60)
+def test_fused_then_packed_bf16_equals_plain_bf16() -> None:
+    plain, fast = build("dense", torch.bfloat16), build("dense", torch.bfloat16)
+    fuse_projections(fast)
+    if pack_linears(fast) == 0:
+        pytest.skip("this torch build has no oneDNN weight packing")
+    assert all(type(m) is PackedLinear for m in fast.modules() if isinstance(m, torch.nn.Linear))
+    toks = prompts(lengths=(20,))[0]
+    assert torch.equal(logits(plain, toks, 6), logits(fast, toks, 6))
+
+
+@pytest.mark.timeout(30)
+def test_real_rotary_equals_complex_rotary() -> None:
+    pos = torch.tensor([[0, 5, 4095, -1], [7, 8, 9, 100000]])
+    x = torch.randn(2, 4, 3, 16)
+    complex_ = rotary(x, rope_tables(pos, 16, 1e6))
+    real = rotary(x, rope_tables(pos, 16, 1e6, real=True))
+    torch.testing.assert_close(real, complex_, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.timeout(30)
+def test_compile_bucket_is_a_valid_capacity() -> None:
+    for window in (None, 16, 100, 4096):
+        for cap in (1, 5, 16, 63, 64, 65, 100, 1000, 4096, 5000):
+            need = cap if window is None else min(cap, window)
+            got = compile_bucket(need, window)
+            # A rolling cache is exact with W >= the longest sequence or W = the window.
+            assert got >= need and (window is None or got <= window or got == need)
+    assert compile_bucket(65, None) == 128 and compile_bucket(65, 100) == 100 and compile_bucket(10, None) == 64
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("name", "dtype", "microbatches"),
+    [("dense", torch.float32, 1), ("dense", torch.bfloat16, 2), ("moe", torch.float32, 1)],
+)
+def test_compiled_decode_gives_the_eager_tokens(name: str, dtype: torch.dtype, microbatches: int) -> None:
+    eager, compiled = build(name, dtype), build(name, dtype)
+    for m in (eager, compiled):
+        fuse_projections(m)
+        pack_linears(m)  # bf16: the compiled step calls the packed kernel through a custom op
+    compiled.compile_decode()
+    # Lengths past the window (8): wrap-around; two lengths and M = 2: two row slices, padding.
+    ps = prompts(lengths=(5, 19))
+    params = GenerationParams(max_tokens=12, eos_ids=(), num_microbatches=microbatches)
+    want = Pipeline(eager, 0, 1, torch.device("cpu"), None).generate(ps, params)
+    got = Pipeline(compiled, 0, 1, torch.device("cpu"), None).generate(ps, params)
+    assert got == want
+    assert compiled.compile_seconds > 0  # the compile happened (and was timed)
