@@ -175,7 +175,7 @@ def gguf_int4(source: Any, name: str, spec: QuantSpec) -> dict[str, torch.Tensor
     if entry is None or entry[0].tensor_type not in (Q.Q4_0, Q.Q4_1):
         return None
     t, expert = entry
-    raw = np.ascontiguousarray(t.data if expert is None else t.data[expert])
+    raw = np.array(t.data if expert is None else t.data[expert])  # a copy: never a view of the mapped file
     n, k = source.shape(name)
     head = 2 if t.tensor_type == Q.Q4_0 else 4  # fp16 d (and fp16 m) before 16 bytes of nibbles
     blocks = torch.from_numpy(raw.reshape(n, k // 32, head + 16))
