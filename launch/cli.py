@@ -175,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif ns.command == "bench":
             from launch.bench import run_bench
 
+            validate(ns.opts)  # the common run flags; bench checks its own
             run_bench(ns.opts)
         else:
             run(ns.command, ns.opts)

@@ -174,7 +174,7 @@ def test_bench_compare_transformers(config: str, dtype: str) -> None:
         (("--config", TINY, "--compare_hf", "--num_pipeline_ranks", 2), "P = 1"),
         (("--config", TINY, "/some/model"), "not both"),
         ((), "--config"),
-        (("--config", TINY, "--max_tokens", 5), "--new_tokens"),
+        (("--config", TINY, "--max_tokens", 5), "unrecognized arguments: --max_tokens"),
         (("--config", TINY, "--batch_size", 0), "--batch_size"),
         (("--config", "configs/nope.json"), "does not exist"),
     ],

@@ -14,7 +14,7 @@ from model.layers import unfuse_projections
 from model.transformer import Transformer
 
 if TYPE_CHECKING:
-    from launch.bench import Progress, Timing
+    from launch.bench.measure import Progress, Timing
 
 
 def _permute_for_rotate_half(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -162,9 +162,6 @@ def time_hf(
         )
     t_end = time.perf_counter()
     first = {b: stamps[0] for b in range(batch)}
-    from launch.bench import summarize  # the engine's timing rules, applied to the peer alike
+    from launch.bench.measure import summarize  # the engine's timing rules, applied to the peer alike
 
     return summarize(t0, first, stamps, t_end, batch, len(prompts[0])), out[:, ids.shape[1] :].tolist()
-
-
-# -- the command --------------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""Decode speed before/after issue 12, interleaved: each round runs every variant once, in turn, so
+that a change in the shared machine's load hits all of them alike; medians and ranges over rounds.
+
+    python scripts/decode_speed.py --config configs/tiny.json --rounds 7 --md docs/benchmarks.md
+    python scripts/decode_speed.py --model /tmp/m7b-hf --dtype bfloat16 --rounds 2 --new_tokens 8 \
+        --prompt_len 16 --variants separate,fused --bandwidth --tag decode-7b --md docs/benchmarks.md
+
+Variants (each one `python -m launch bench ... --json` job, batch 1, P = 1):
+  separate   the checkpoint's separate wq/wk/wv, w1/w3 linears, eager (the engine before issue 12)
+  fused      fused wqkv / w13, eager (the default now)
+  compiled   fused, decode steps through torch.compile (--compile; compile time reported apart)
+  hf         transformers' generate on the same tensors (the `separate` job's --compare_hf peer)
+With --bandwidth every job also reports the decode floor; the floor used here is the streamed bytes
+over the best read bandwidth seen in any job of the run (the machine's bandwidth varies). llama.cpp
+is not run by this script (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from scaling import wait_for_quiet, write_section  # scripts/ is on sys.path when run as a script
+
+REPO = Path(__file__).resolve().parent.parent
+FLAGS = {"separate": ["--separate_projections"], "fused": [], "compiled": ["--compile"]}
+
+
+def job(a: argparse.Namespace, variant: str, hf: bool) -> dict[str, Any]:
+    model = ["--config", a.config] if a.config else [a.model]
+    cmd = [sys.executable, "-m", "launch", "bench", *model, "--batch_size", "1", "--threads", str(a.threads),
+           "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens), "--repeat", str(a.repeat),
+           "--warmup", "1", "--json", "--quiet", "--dist_timeout", "1800", *FLAGS[variant]]  # fmt: skip
+    if a.dtype:
+        cmd += ["--dtype", a.dtype]
+    if hf:
+        cmd.append("--compare_hf")
+    if a.bandwidth:
+        cmd.append("--bandwidth")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_WAIT_POLICY=a.omp_wait_policy)
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=a.timeout)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    out: dict[str, Any] = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("{")))
+    out["command"] = " ".join(["OMP_WAIT_POLICY=" + a.omp_wait_policy, "python", *cmd[1:]])
+    return out
+
+
+def spread(xs: list[float], fmt: str = ".2f") -> str:
+    return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}}-{max(xs):{fmt}}]"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="params.json preset: random weights built in memory")
+    ap.add_argument("--model", default=None, help="a model directory or file instead of --config")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt_len", type=int, default=64)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3, help="measured runs per job (the job reports their median)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default="separate,fused,compiled")
+    ap.add_argument("--hf", action="store_true", help="transformers peer in the `separate` job")
+    ap.add_argument("--bandwidth", action="store_true")
+    ap.add_argument("--omp_wait_policy", default="PASSIVE")
+    ap.add_argument("--quiet_cpu", type=float, default=None, help="wait until the CPUs are at most this %% busy")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--tag", default="decode-tiny")
+    ap.add_argument("--md", type=Path, default=None)
+    ap.add_argument("--json_out", type=Path, default=None)
+    a = ap.parse_args(argv)
+    if (a.config is None) == (a.model is None):
+        raise SystemExit("give --config or --model")
+    variants = a.variants.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    loads: list[float] = []
+    t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for i in range(a.rounds):
+        for v in variants:
+            if a.quiet_cpu is not None:
+                wait_for_quiet(a.quiet_cpu, 120)
+            loads.append(os.getloadavg()[0])
+            r = job(a, v, hf=a.hf and v == variants[0])
+            runs[v].append(r)
+            print(f"round {i + 1}/{a.rounds} {v}: {r['decode_ms_per_token']:.3f} ms/token", file=sys.stderr, flush=True)
+    if a.json_out:
+        a.json_out.write_text(json.dumps(runs))
+    ms = {v: [r["decode_ms_per_token"] for r in rs] for v, rs in runs.items()}
+    base = variants[0]
+    lines = [
+        f"Measured {t_start}, {a.rounds} interleaved rounds, each job the median of {a.repeat} runs after 1 "
+        f"warm-up; batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens, {a.threads} threads, "
+        f"OMP_WAIT_POLICY={a.omp_wait_policy}; 1-minute load average before each job "
+        f"{min(loads):.1f}-{max(loads):.1f} (2 cores, shared with other jobs).",
+        "",
+        f"| variant | decode ms/token, median [min-max] | tokens/s (median) | vs `{base}` (same round) | other |",
+        "|---|---|---|---|---|",
+    ]
+    hf_ms = [r["peers"]["transformers"]["decode_ms_per_token"] for r in runs[base]] if a.hf else []
+    bws = [rk["bandwidth"]["read_gbs"] for rs in runs.values() for r in rs for rk in r["ranks"] if "bandwidth" in rk]
+    best_bw = max(bws, default=0.0)
+    for v in variants:
+        ratio = [b / x for b, x in zip(ms[base], ms[v], strict=True)]
+        other = []
+        comp = [r["ranks"][0].get("compile_s") or 0 for r in runs[v]]
+        if any(comp):
+            other.append(f"compile {spread(comp, '.1f')} s once")
+        if hf_ms:
+            other.append(f"{spread([h / x for h, x in zip(hf_ms, ms[v], strict=True)])}x transformers' speed")
+        if best_bw:
+            floor = 1000 * runs[v][0]["ranks"][0]["streamed_bytes"] / (best_bw * 1e9)
+            other.append(f"{statistics.median(ms[v]) / floor:.2f}x floor, best {min(ms[v]) / floor:.2f}x")
+        lines.append(f"| {v} | {spread(ms[v], '.3f')} | {1000 / statistics.median(ms[v]):.1f} | "
+                     f"{spread(ratio)}x faster | {'; '.join(other)} |")  # fmt: skip
+    if hf_ms:
+        hf_rate = 1000 / statistics.median(hf_ms)
+        lines.append(f"| transformers `generate` | {spread(hf_ms, '.3f')} | {hf_rate:.1f} | | |")
+    if best_bw:
+        streamed = runs[base][0]["ranks"][0]["streamed_bytes"]
+        lines += ["", f"Floor: {streamed / 1e9:.2f} GB streamed per token / best read bandwidth of the run "
+                  f"{best_bw:.1f} GB/s = {1000 * streamed / (best_bw * 1e9):.0f} ms/token."]  # fmt: skip
+    lines += ["", "Commands (one job each, interleaved):", ""]
+    lines += [f"    {runs[v][0]['command']}" for v in variants]
+    body = "\n".join(lines) + "\n"
+    print(body)
+    if a.md:
+        write_section(a.md, a.tag, body)
+
+
+if __name__ == "__main__":
+    main()
