@@ -43,6 +43,7 @@ DEFAULT_GROUP_SIZE = 32
 # GEMM at 64 rows and 1.5-2x faster at 1 row).
 KERNEL_MAX_ROWS = 8
 _INT4_BLOCK_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64
+QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows of about this many elements
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,17 @@ def _divisor_hint(n: int) -> int:
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """w [N, K] (any float dtype) -> the canonical tensors of spec's format."""
+    """w [N, K] (any float dtype) -> the canonical tensors of spec's format. Works through blocks of
+    rows, so its float32 temporaries stay small next to a rank's share (a Mixtral expert is 235 MB
+    in float32; each step of the arithmetic below would otherwise hold one more copy)."""
+    rows = max(64, QUANT_BLOCK_ELEMS // max(1, w.shape[1]))
+    if w.shape[0] > rows:
+        parts = [_quantize(w[i : i + rows], spec) for i in range(0, w.shape[0], rows)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return _quantize(w, spec)
+
+
+def _quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     w = w.detach().float()
     if spec.mode == "int8":
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [N]
@@ -235,9 +246,16 @@ class QuantLinear(nn.Module):
             self._scales_bf16 = self.scales.to(torch.bfloat16)
             self.kernel = "int8cpu"
         elif self.spec.mode == "int4" and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
-            q = unpack_nibbles(self.qweight).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            del q
+            # Blocks of 64 output rows are independent in the kernel's layout: convert a block of rows at
+            # a time (the int32 input is 8x the packed bytes).
+            n, k = self.out_features, self.in_features
+            rows = n if n % _INT4_BLOCK_ROWS else max(_INT4_BLOCK_ROWS, QUANT_BLOCK_ELEMS // k // 64 * 64)
+            packed = torch.cat([
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                    unpack_nibbles(self.qweight[i : i + rows]).to(torch.int32), 1
+                )
+                for i in range(0, n, rows)
+            ])
             # The kernel computes (q - 8) * scale + zero: zero = min + 8 * scale.
             s, m = self.scales.float(), self.mins.float()
             self._sz = torch.stack([s.t(), (m + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
