@@ -16,7 +16,6 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 from hf_reference import build_hf_model
 
-from distributed.pipeline import GenerationParams, Pipeline
 from model.args import ConfigError
 from model.checkpoint import load_stage
 from model.formats.gguf import GGUFSource
@@ -179,29 +178,16 @@ class RecordingSource(GGUFSource):
 
 @pytest.fixture(scope="module")
 def smol() -> Smol:
-    from transformers import AutoTokenizer
-
+    # Greedy tokens against transformers on this file are tests/test_smollm2.py's; here: the layout.
     path = smol_path()
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    chat = [{"role": "user", "content": "What is the capital of France?"}]
-    chat_enc: Any = tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)
-    ids = [tok("Once upon a time").input_ids, tok("def fibonacci(n):").input_ids, list(chat_enc["input_ids"])]
-    return path, load_stage(GGUFSource(path), dtype=torch.float32), transformers_model(path), ids
-
-
-@pytest.mark.timeout(600)
-def test_smollm2_greedy_tokens_equal_transformers(smol: Smol) -> None:
-    path, model, hf, ids = smol
-    assert GGUFSource(path).args.rope_theta == 100000.0 and model.args.n_layers == 30
-    ours = Pipeline(model, 0, 1, torch.device("cpu"), None).generate(ids, GenerationParams(max_tokens=32, eos_ids=()))
-    for p, got in zip(ids, ours, strict=True):
-        assert got == hf_greedy(hf, p, 32)
-        assert len(set(got)) > 5  # a real continuation, not one token repeated
+    ids = [[1, 9690, 198, 2683, 314, 260, 3575, 282, 4649, 47], [504, 3657, 2030, 253, 655, 28]]
+    return path, load_stage(GGUFSource(path), dtype=torch.float32), None, ids
 
 
 @pytest.mark.timeout(300)
 def test_smollm2_two_stages_compose_to_the_full_model(smol: Smol) -> None:
     path, model, _, ids = smol
+    assert GGUFSource(path).args.rope_theta == 100000.0 and model.args.n_layers == 30
     s0, s1 = RecordingSource(path), RecordingSource(path)
     stage0 = load_stage(s0, layers=range(15), first=True, last=False, dtype=torch.float32)
     stage1 = load_stage(s1, layers=range(15, 30), first=False, last=True, dtype=torch.float32)
