@@ -145,3 +145,14 @@ def test_missing_and_misnamed_shards(tmp_path: Path) -> None:
     index.write_text(json.dumps(raw))
     with pytest.raises(ConfigError, match="names shard elsewhere.safetensors"):
         open_source(tmp_path)
+
+
+@pytest.mark.timeout(60)
+def test_config_dtype_is_the_default_run_dtype(tmp_path: Path) -> None:
+    arch, kwargs = MODELS["mistral_window"]
+    hf_model(arch, dict(kwargs, num_hidden_layers=1)).save_pretrained(tmp_path)  # fp32 tensors
+    assert open_source(tmp_path).default_dtype == torch.float32
+    _config_edit(tmp_path, dtype="bfloat16")
+    assert open_source(tmp_path).default_dtype == torch.bfloat16
+    _config_edit(tmp_path, dtype=None, torch_dtype="float16")  # the older key
+    assert open_source(tmp_path).default_dtype == torch.float16

@@ -29,6 +29,9 @@ class Source(Protocol):
     args: ModelArgs
     names: set[str]
     kind: str  # "native", "hf" or "gguf", for messages
+    # The run dtype when --dtype is not given (None: each tensor's stored dtype): HF's config.json
+    # dtype / torch_dtype, float32 for GGUF (dequantized values kept exact).
+    default_dtype: torch.dtype | None
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 

@@ -69,6 +69,7 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
 
 class GGUFSource:
     kind = "gguf"
+    default_dtype: torch.dtype | None = torch.float32  # quantized tensors are dequantized: keep their values exact
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)

@@ -26,6 +26,7 @@ def unpermute_rotate_half(w: torch.Tensor, n_heads: int, head_dim: int) -> torch
     return w.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(n_heads * head_dim, *rest)
 
 
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SUPPORTED = {"MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral", "LlamaForCausalLM": "llama"}
 # Tensors some exporters write that carry no weights the engine needs.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -108,7 +109,10 @@ class HFSource:
         self.path = path
         cfg_path = path / "config.json"
         self.where = str(cfg_path)
-        self.args, self.tied = args_from_config(read_config(cfg_path), self.where)
+        cfg = read_config(cfg_path)
+        self.args, self.tied = args_from_config(cfg, self.where)
+        # transformers runs a model in its config's dtype by default; so does the engine.
+        self.default_dtype = HF_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype")))
         self._shard_of = self._weight_map()  # HF name -> shard file
         self._files: dict[Path, TensorFile] = {}  # opened on first use: a rank opens only its shards
         self._map = self._engine_names()  # engine name -> (HF name, transform)

@@ -25,6 +25,7 @@ def find_weights(model_dir: Path) -> Path:
 
 class NativeSource:
     kind = "native"
+    default_dtype: torch.dtype | None = None
 
     def __init__(self, path: Path) -> None:
         self.path = path
