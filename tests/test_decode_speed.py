@@ -3,9 +3,15 @@ w1|w3) and torch.compile'd decode steps. Timings are benchmarks (docs/benchmarks
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from common import CONFIGS, prompts, random_state
+from common import CONFIGS, prompts, random_state, write_model
+from launchers import REPO, base_env, torchrun
 
 from distributed.pipeline import GenerationParams, Pipeline
 from model.args import ModelArgs
@@ -98,3 +104,19 @@ def test_compiled_decode_gives_the_eager_tokens(name: str, dtype: torch.dtype, m
     got = Pipeline(compiled, 0, 1, torch.device("cpu"), None).generate(ps, params)
     assert got == want
     assert compiled.compile_seconds > 0  # the compile happened (and was timed)
+
+
+@pytest.mark.timeout(420)
+def test_compiled_two_stages_give_one_eager_process_tokens(tmp_path: Path) -> None:
+    """--compile under torchrun, P = 2 (M = 2: two row slices per stage), against eager P = 1."""
+    model_dir = write_model(tmp_path / "m", CONFIGS["dense"])
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"tokens": p}) + "\n" for p in prompts(lengths=(5, 19))))
+    common = ["-m", "launch", "generate", str(model_dir), "--input", str(inp), "--max_tokens", "12"]
+    eager = subprocess.run([sys.executable, *common, "--output", str(tmp_path / "eager.jsonl")], cwd=REPO,
+                           env=base_env(), capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert eager.returncode == 0, eager.stderr
+    job = torchrun(2, [*common, "--output", str(tmp_path / "compiled.jsonl"), "--num_pipeline_ranks", "2", "--compile"])
+    _, err = job.communicate(timeout=360)
+    assert job.returncode == 0, err
+    assert (tmp_path / "compiled.jsonl").read_text() == (tmp_path / "eager.jsonl").read_text()
