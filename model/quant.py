@@ -38,10 +38,11 @@ from model.args import ConfigError
 
 MODES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
-# Rows (tokens in a step) above which dequantize + F.linear beats the packed kernels (measured on a
-# 2-core Zen 4 with a Mistral-7B-shaped 14336 x 4096 weight: the kernels are 2-3x slower than a bf16
-# GEMM at 64 rows and 1.5-2x faster at 1 row).
-KERNEL_MAX_ROWS = 8
+# Rows (tokens in a step) above which dequantize + F.linear beats the packed kernels. The kernels'
+# time grows about linearly with rows (14336 x 4096 int8 on 2 Zen 4 cores: 2.3 ms at 1 row, 7 ms at 8,
+# 57 ms at 64); dequantizing costs a few passes over the weight whatever the rows (a 16-token
+# prefill of the 7B shape through dequantization took 30 s against ~1.5 s in bf16 on a loaded machine).
+KERNEL_MAX_ROWS = 128
 _INT4_BLOCK_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64
 QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows of about this many elements
 
@@ -263,19 +264,28 @@ class QuantLinear(nn.Module):
             self.scales = self.mins = torch.empty(0)
             self.kernel = "int4cpu"
 
-    def _weight(self, dtype: torch.dtype) -> torch.Tensor:
+    def _weight(self, dtype: torch.dtype, lo: int, hi: int) -> torch.Tensor:
+        """Output rows lo:hi of the weight, dequantized to dtype [hi - lo, K]."""
         if self.kernel != "int4cpu":
-            return dequantize(self.canonical(), self.spec.mode, dtype)
+            return dequantize({s: t[lo:hi] for s, t in self.canonical().items()}, self.spec.mode, dtype)
         # Undo the CPU kernel's layout (blocks of 64 output rows, [K, 32] bytes each; row j of a block
         # in the low nibble, row 32 + j in the high one), then apply (q - 8) * scale + zero.
-        n, k = self.out_features, self.in_features
-        b = self.qweight.view(n // _INT4_BLOCK_ROWS, k, 32)
+        n, k = hi - lo, self.in_features
+        b = self.qweight[lo:hi].reshape(n // _INT4_BLOCK_ROWS, k, 32)
         q = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
         assert self._sz is not None
-        sz = self._sz.to(dtype)  # [K/g, N, 2]
+        sz = self._sz[:, lo:hi].float()  # [K/g, n, 2]; float32: zero ~ 8 scales, bf16 would cancel badly
         g = self.spec.group_size
-        w = (q.view(n, k // g, g).to(dtype) - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
-        return w.view(n, k)
+        w = (q.view(n, k // g, g).float() - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
+        return w.view(n, k).to(dtype)
+
+    def _dequantized_linear(self, x2: torch.Tensor) -> torch.Tensor:
+        # A block of output rows at a time: the dequantized block stays small (and in cache).
+        n = self.out_features
+        rows = max(_INT4_BLOCK_ROWS, QUANT_BLOCK_ELEMS // 4 // self.in_features // 64 * 64)
+        if n <= rows or (self.kernel == "int4cpu" and n % _INT4_BLOCK_ROWS):
+            return F.linear(x2, self._weight(x2.dtype, 0, n))
+        return torch.cat([F.linear(x2, self._weight(x2.dtype, i, min(n, i + rows))) for i in range(0, n, rows)], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [rows, K]
@@ -288,7 +298,7 @@ class QuantLinear(nn.Module):
                 x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group_size, self._sz
             )
         else:
-            y = F.linear(x2, self._weight(x.dtype))
+            y = self._dequantized_linear(x2)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
