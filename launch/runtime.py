@@ -155,9 +155,10 @@ class Runtime:
         gpu = ""
         if self.device.type == "cuda":
             gpu = f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2**20:.0f} MiB"
+        compiled = f"; torch.compile took {model.compile_seconds:.1f} s" if model.compile_seconds else ""
         log(
             f"[rank {self.rank}] peak RSS {rss / 2**20:.0f} MiB{gpu}; stage weights {share / 2**20:.1f} MiB "
-            f"of the model's {whole / 2**20:.1f} MiB"
+            f"of the model's {whole / 2**20:.1f} MiB{compiled}"
         )
 
     def close(self) -> None:
