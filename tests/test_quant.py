@@ -27,6 +27,7 @@ from model.quant import (
     fuse_quantized,
     prepare,
     quantize,
+    weight_bytes,
 )
 
 TEXT = REPO / "tests" / "data" / "declaration-of-independence.txt"
@@ -174,6 +175,21 @@ def test_bad_inputs_are_one_line(tmp_path: Path) -> None:
     r = _cli("demo", model, "--quantize", "int3")
     assert r.returncode == 2 and "invalid choice: 'int3'" in r.stderr and "Traceback" not in r.stderr
     _one_line_error(_cli("perplexity", model, "--input", tmp_path / "nope.txt"), "--input", "does not exist")
+    _one_line_error(_cli("bench", "--config", "configs/tiny.json", "--quantize", "int8"), "needs a model directory")
+
+
+@pytest.mark.timeout(120)
+def test_bench_counts_quantized_bytes(tmp_path: Path) -> None:
+    model = write_model(tmp_path / "m", CONFIGS["dense"])
+    r = _cli("bench", model, "--quantize", "int4", "--new_tokens", "2", "--prompt_len", "8", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rk = json.loads(r.stdout.strip().splitlines()[-1])["ranks"][0]
+    stage = load_stage(model, quant=QuantSpec("int4"))
+    fuse_quantized(stage)
+    prepare(stage)
+    emb = stage.tok_embeddings.weight.numel() * 4
+    assert rk["weight_bytes"] == weight_bytes(stage) and rk["streamed_bytes"] == rk["weight_bytes"] - emb
+    assert rk["weight_bytes"] < 0.5 * sum(t.numel() * 4 for t in load_stage(model).state_dict().values())
 
 
 # -- SmolLM2-135M-Instruct: the real model ------------------------------------------------------------

@@ -55,6 +55,11 @@ def check_options(opts: BenchOptions) -> None:
             raise ConfigError(f"--{name} must be >= 1, got {getattr(opts, name)}")
     if opts.warmup < 0:
         raise ConfigError(f"--warmup must be >= 0, got {opts.warmup}")
+    if opts.config is not None and opts.quantize not in (None, "none"):
+        raise ConfigError(
+            "--quantize needs a model directory: write the random model with make-checkpoint, then bench that "
+            "directory with --quantize (or a `python -m launch quantize` copy of it)"
+        )
     if opts.compare_hf and opts.num_pipeline_ranks != 1:
         raise ConfigError("--compare_hf runs transformers in the same process, which needs the whole model: use P = 1")
     if opts.compare_hf and importlib.util.find_spec("transformers") is None:

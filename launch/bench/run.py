@@ -34,6 +34,7 @@ from launch.bench.stage import build_pipeline
 from launch.runtime import Runtime
 from model.args import ConfigError
 from model.checkpoint import DTYPES
+from model.quant import weight_bytes
 from model.sampling import SamplingParams
 
 RSS_SLACK_BYTES = 0.5e9  # the issue's memory goal: peak RSS <= 1.15 x weights + cache + 0.5 GB
@@ -141,9 +142,9 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         "layers": [model.layer_ids[0], model.layer_ids[-1]],
         "n_layers": len(model.layer_ids),
         "threads": torch.get_num_threads(),
-        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "streamed_bytes": sum(
-            p.numel() * p.element_size() for n, p in model.named_parameters() if n != "tok_embeddings.weight"
+        "weight_bytes": weight_bytes(model),  # parameters + quantized linears' buffers
+        "streamed_bytes": weight_bytes(model) - sum(
+            p.numel() * p.element_size() for n, p in model.named_parameters() if n == "tok_embeddings.weight"
         ),
         "kv_bytes": recorder.kv_bytes,
         "requests": recorder.requests,
