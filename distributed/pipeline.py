@@ -142,7 +142,9 @@ class Stage:
             slots = [
                 rows.start + i for i, p in enumerate(last) if p >= 0 and p >= self.prompt_len[rows.start + i] - 1
             ]
-            return self._sample(logits[[s - rows.start for s in slots]], slots)
+            if len(slots) < len(last):
+                logits = logits[[s - rows.start for s in slots]]
+            return self._sample(logits, slots)
         finally:
             self.busy += time.perf_counter() - t0
 

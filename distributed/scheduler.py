@@ -53,9 +53,18 @@ class Scheduler:
     """Drives one session of the pipeline: `slots` cache rows of `capacity` positions in `lanes`."""
 
     def __init__(
-        self, pipeline: Pipeline, slots: int, lanes: int, capacity: int, chunk: int, token_budget: int | None
+        self,
+        pipeline: Pipeline,
+        slots: int,
+        lanes: int,
+        capacity: int,
+        chunk: int,
+        token_budget: int | None,
+        static: bool = False,
     ) -> None:
         self.pipeline, self.capacity, self.chunk = pipeline, capacity, chunk
+        # static: admit only into an empty engine (one static batch at a time: a benchmark baseline)
+        self.static = static
         self.token_budget = token_budget or math.inf
         self.lanes = split_rows(slots, lanes)
         self.free = [list(range(r.start, r.stop)) for r in self.lanes]  # per lane, lowest first
@@ -107,6 +116,8 @@ class Scheduler:
     # -- admission and release ----------------------------------------------------------------
     def _admit(self) -> None:
         admitted: list[Admission] = []
+        if self.static and any(self.running):
+            return
         while self.waiting:
             seq, fixed = self.waiting[0]
             if seq.cancelled:
@@ -180,12 +191,12 @@ class Scheduler:
         first and last slot that have no work are padding."""
         first, last = work[0][0].slot, work[-1][0].slot
         t = max(len(ids) for _, ids, _ in work)
-        tokens = torch.zeros(last - first + 1, t, dtype=torch.long)
-        positions = torch.full((last - first + 1, t), -1, dtype=torch.long)
+        tokens = [[0] * t for _ in range(last - first + 1)]
+        positions = [[-1] * t for _ in range(last - first + 1)]
         for s, ids, start in work:
-            tokens[s.slot - first, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            positions[s.slot - first, : len(ids)] = torch.arange(start, start + len(ids))
-        return Unit(slice(first, last + 1), tokens, positions, sample)
+            tokens[s.slot - first][: len(ids)] = ids
+            positions[s.slot - first][: len(ids)] = range(start, start + len(ids))
+        return Unit(slice(first, last + 1), torch.tensor(tokens), torch.tensor(positions), sample)
 
     def _receive(self) -> None:
         lane, sampled = self.expected.popleft()
@@ -307,5 +318,7 @@ class Engine:
                 item = self.inbox.get_nowait()
                 if item is not None:
                     self.submit(item)
+            if self.on_step is not None:
+                self.on_step(sched)  # the errors reach the clients
             time.sleep(self.grace_s)
             raise

@@ -79,13 +79,41 @@ class Metrics:
                 self.busy.labels(str(s)).set(min(1.0, max(0.0, (b - b0[s]) / (now - t0))))
 
 
+class Outbox:
+    """Events from the engine thread, handed to the event loop once per engine step: one wake-up
+    of the HTTP thread per step instead of one per token (each wake-up costs a GIL hand-off)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.loop = loop
+        self._items: list[tuple[asyncio.Queue[Any], Any]] = []
+        self._lock = threading.Lock()
+
+    def put(self, q: asyncio.Queue[Any], item: Any) -> None:
+        with self._lock:
+            self._items.append((q, item))
+
+    def flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        if items and self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class Track:
     """One sequence seen from its HTTP request: text deltas (stop strings cut) and the end, posted
     from the engine thread to the request's asyncio queue."""
 
     def __init__(self, index: int, tok: Tokenizer, stop: list[str], events: asyncio.Queue[tuple[int, str, str | None]],
-                 loop: asyncio.AbstractEventLoop, metrics: Metrics) -> None:
-        self.index, self.stop, self.events, self.loop, self.metrics = index, stop, events, loop, metrics
+                 outbox: Outbox, metrics: Metrics) -> None:
+        self.index, self.stop, self.events, self.outbox, self.metrics = index, stop, events, outbox, metrics
         self.decoder = StreamDecoder(tok)
         self.text, self.sent, self.stopped = "", 0, False
         self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
@@ -93,10 +121,7 @@ class Track:
         self.last: float | None = None
 
     def _post(self, text: str, reason: str | None) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (self.index, text, reason))
-        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-            pass
+        self.outbox.put(self.events, (self.index, text, reason))
 
     def _cut(self) -> None:
         hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
@@ -136,6 +161,7 @@ class State:
         self.opts, self.name = opts, name
         self.metrics = Metrics()
         self.engine: Engine | None = None
+        self.outbox = Outbox()
         self.tok: Tokenizer | None = None
         self.vocab, self.capacity = 0, 0
         self.window: int | None = None
@@ -179,14 +205,15 @@ async def _complete(state: State, request: Request, chat: bool) -> Any:
     if engine.queue_depth + len(job.prompts) > state.opts.max_queue + max(0, state.opts.max_batch
                                                                             - engine.scheduler.n_running):
         raise ApiError(429, "the queue is full; retry shortly", code="queue_full")
-    loop = asyncio.get_running_loop()
+    state.outbox.loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, str, str | None]] = asyncio.Queue()
-    tracks = [Track(i, state.tok, job.stop, events, loop, state.metrics) for i in range(len(job.prompts))]
+    tracks = [Track(i, state.tok, job.stop, events, state.outbox, state.metrics) for i in range(len(job.prompts))]
     seqs = [Sequence(p, job.max_tokens, job.sampling, state.eos, i, t.on_token, t.on_finish)
             for i, (p, t) in enumerate(zip(job.prompts, tracks, strict=True))]
     state.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
     for s in seqs:
         engine.submit(s)
+    state.outbox.flush()  # a pipeline that already failed answered at once
     reply = Reply(state.name, chat)
 
     def tally() -> dict[str, int]:
@@ -343,9 +370,13 @@ class Serve(Command):
         args = pipeline.stage.model.args
         chunk = o.chunk_size or args.sliding_window or DEFAULT_CHUNK_NO_WINDOW
         lanes = o.num_microbatches or self.rt.n_stages
-        sched = Scheduler(pipeline, o.max_batch, lanes, s.capacity, chunk, o.token_budget)
+        sched = Scheduler(pipeline, o.max_batch, lanes, s.capacity, chunk, o.token_budget, o.static_batching)
         engine = Engine(sched, keepalive_s=max(0.5, o.dist_timeout / 4))
-        engine.on_step = lambda _: s.metrics.update(engine)
+        def on_step(_: Scheduler) -> None:
+            s.outbox.flush()
+            s.metrics.update(engine)
+
+        engine.on_step = on_step
         s.engine = engine
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: engine.request_stop())
@@ -356,6 +387,7 @@ class Serve(Command):
             engine.run()
         finally:
             sched.fail("error: the server is shutting down")
+            s.outbox.flush()
             self.server.should_exit = True
             if self.thread is not None:
                 self.thread.join(timeout=5)
