@@ -331,19 +331,22 @@ def fuse_quantized(model: nn.Module) -> int:
         FeedForward: ("w13", ("w1", "w3")),
     }
     n = 0
-    for mod in list(model.modules()):
-        group = groups.get(type(mod))
-        if group is None or not hasattr(mod, group[0]) or getattr(mod, group[0]) is not None:
+    # Only the parents are listed: a list of every module would keep each replaced linear (three
+    # quarters of a layer's bytes) alive until the end, raising the peak by that much (measured:
+    # +1.1 GB for 8 layers of the 7B shape at int8).
+    for mod in [m for m in model.modules() if type(m) in groups]:
+        fused_name, names = groups[type(mod)]
+        if not hasattr(mod, fused_name) or getattr(mod, fused_name) is not None:
             continue  # a model without fused projections, or already fused
-        fused_name, names = group
         parts = [getattr(mod, name, None) for name in names]
-        if not all(isinstance(p, QuantLinear) and p.kernel == "generic" for p in parts):
+        qparts = [p for p in parts if isinstance(p, QuantLinear) and p.kernel == "generic"]
+        if len(qparts) != len(names) or len({p.spec for p in qparts}) != 1:
             continue
-        qparts = [p for p in parts if isinstance(p, QuantLinear)]
-        if len({p.spec for p in qparts}) != 1:
-            continue
-        cat = {s: torch.cat([getattr(p, s) for p in qparts]) for s in suffixes(qparts[0].spec.mode)}
-        setattr(mod, fused_name, QuantLinear.from_tensors(cat, qparts[0].spec, qparts[0].in_features))
+        spec, k = qparts[0].spec, qparts[0].in_features
+        cat = {s: torch.cat([getattr(p, s) for p in qparts]) for s in suffixes(spec.mode)}
+        del parts, qparts
+        setattr(mod, fused_name, QuantLinear.from_tensors(cat, spec, k))
+        del cat
         for name in names:
             delattr(mod, name)
         n += 1
