@@ -121,8 +121,8 @@ class Runtime:
         dtype = parse_dtype(self.opts.dtype)
         if dtype is None and self.device.type == "cuda":
             dtype = torch.bfloat16  # GPUs default to bf16 whatever the checkpoint holds
-        if dtype is None and source.kind == "gguf":
-            dtype = torch.float32  # quantized GGUF tensors are dequantized; keep their values exact
+        if dtype is None:
+            dtype = source.default_dtype  # HF: config.json's dtype; GGUF: float32; native: as stored
         t0 = time.monotonic()
         quant = parse_quantize(self.opts.quantize, self.opts.group_size)
         model = load_stage(
@@ -134,9 +134,9 @@ class Runtime:
         if self.rank == 0:
             print_split(args, split, next(model.parameters()).element_size())
         model.attention = get_backend(self.opts.attention, self.device)
-        fuse_quantized(model)  # wq|wk|wv and w1|w3 of linears quantized at load, then their kernels' layout
-        prepare_quantized(model)
         fuse_projections(model)  # wq|wk|wv and w1|w3 as one linear each (after the LoRA merge)
+        fuse_quantized(model)  # the same for linears quantized at load, then their kernels' layout
+        prepare_quantized(model)
         pack_linears(model)  # CPU bf16 only; a no-op elsewhere
         if self.opts.compile:
             model.compile_decode()  # compiles at the first decode step of each shape (bench reports the time)
