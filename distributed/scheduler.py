@@ -61,10 +61,14 @@ class Scheduler:
         chunk: int,
         token_budget: int | None,
         static: bool = False,
+        merge: bool = False,
     ) -> None:
         self.pipeline, self.capacity, self.chunk = pipeline, capacity, chunk
         # static: admit only into an empty engine (one static batch at a time: a benchmark baseline)
         self.static = static
+        # merge: decode rows ride in the step's prefill unit (one pass; a decode row's sums then run
+        # over a padded key set, so its last bits may differ from a decode-only step)
+        self.merge = merge
         self.token_budget = token_budget or math.inf
         self.lanes = split_rows(slots, lanes)
         self.free = [list(range(r.start, r.stop)) for r in self.lanes]  # per lane, lowest first
@@ -166,10 +170,8 @@ class Scheduler:
         seqs = self.running[lane]
         units = []
         decoders = sorted((s for s in seqs if s.decoding), key=lambda s: s.slot)
-        if decoders:
-            # The j-th generated token (0-based) sits at position len(prompt) + j.
-            work = [(s, [s.out[-1]], len(s.prompt) + len(s.out) - 1) for s in decoders]
-            units.append((self._unit(work, sample=True), decoders))
+        # The j-th generated token (0-based) sits at position len(prompt) + j.
+        work = [(s, [s.out[-1]], len(s.prompt) + len(s.out) - 1) for s in decoders]
         budget = self.token_budget
         chunks = []
         for s in seqs:  # admission order
@@ -179,10 +181,17 @@ class Scheduler:
             chunks.append((s, s.prompt[s.prefilled : s.prefilled + n], s.prefilled))
             s.prefilled += n
             budget -= n
+        finishing = [s for s, _, _ in chunks if s.decoding]
+        if self.merge and work and chunks:
+            # One pass for the whole step (decode rows padded to the chunk length): every weight is
+            # read once per step instead of twice.
+            both = sorted(work + chunks, key=lambda c: c[0].slot)
+            return [(self._unit(both, sample=True), sorted(decoders + finishing, key=lambda s: s.slot))]
+        if work:
+            units.append((self._unit(work, sample=True), decoders))
         if chunks:
             chunks.sort(key=lambda c: c[0].slot)
-            sampled = [s for s, _, _ in chunks if s.decoding]
-            units.append((self._unit(chunks, sample=bool(sampled)), sampled))
+            units.append((self._unit(chunks, sample=bool(finishing)), finishing))
         return units
 
     @staticmethod

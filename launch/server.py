@@ -370,7 +370,8 @@ class Serve(Command):
         args = pipeline.stage.model.args
         chunk = o.chunk_size or args.sliding_window or DEFAULT_CHUNK_NO_WINDOW
         lanes = o.num_microbatches or self.rt.n_stages
-        sched = Scheduler(pipeline, o.max_batch, lanes, s.capacity, chunk, o.token_budget, o.static_batching)
+        sched = Scheduler(pipeline, o.max_batch, lanes, s.capacity, chunk, o.token_budget, o.static_batching,
+                          o.merge_steps)
         engine = Engine(sched, keepalive_s=max(0.5, o.dist_timeout / 4))
         def on_step(_: Scheduler) -> None:
             s.outbox.flush()
