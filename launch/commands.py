@@ -25,16 +25,21 @@ DEMO_PROMPTS = [
 ]
 
 
-def read_jsonl(path: Path, tok: Tokenizer, instruct: bool) -> list[list[int]]:
-    """Validate the whole file before anything runs; one-line errors name the line."""
+def read_input_text(path: Path, kind: str) -> str:
+    """The --input file's text, or a one-line error (kind: what it should be saved as)."""
     if not path.exists():
         raise ConfigError(f"--input {path} does not exist")
     if not path.is_file():
         raise ConfigError(f"--input {path} is not a file")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"--input {path} is not valid UTF-8 (byte {e.start}); save it as UTF-8 JSONL") from None
+        raise ConfigError(f"--input {path} is not valid UTF-8 (byte {e.start}); save it as {kind}") from None
+
+
+def read_jsonl(path: Path, tok: Tokenizer, instruct: bool) -> list[list[int]]:
+    """Validate the whole file before anything runs; one-line errors name the line."""
+    text = read_input_text(path, "UTF-8 JSONL")
     prompts: list[list[int]] = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from simple_parsing import field
 
 from distributed.pipeline import Pipeline
+from launch.commands import read_input_text
 from launch.options import RunOptions
 from launch.runtime import Runtime, log
 from model.args import ConfigError
@@ -50,12 +51,7 @@ class PerplexityOptions(RunOptions):
 
 def read_tokens(opts: PerplexityOptions, tok: Any) -> list[int]:
     path = Path(opts.input)
-    if not path.is_file():
-        raise ConfigError(f"--input {path} does not exist or is not a file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--input {path} is not valid UTF-8 (byte {e.start}); save it as UTF-8") from None
+    text = read_input_text(path, "UTF-8")
     ids = list(tok.encode(text, bos=False))
     if len(ids) < opts.context:
         raise ConfigError(
