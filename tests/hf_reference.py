@@ -85,3 +85,14 @@ def build_hf_model(params: dict, state_dict: dict[str, Tensor]) -> torch.nn.Modu
                     out[f"{dst}block_sparse_moe.experts.{e}.{w}.weight"] = sd[f"{ff}experts.{e}.{w}.weight"]
     model.load_state_dict(out, strict=True)
     return model.float().eval()
+
+
+def hf_greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> list[list[int]]:
+    """transformers' greedy generate, exactly n new tokens per prompt (no EOS stop), one prompt at a time."""
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,  # type: ignore[operator]
+                                 eos_token_id=None, pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out

@@ -156,14 +156,6 @@ def logits(model: Transformer, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens]), torch.arange(len(tokens))[None], model.make_cache(1, len(tokens)))[0]
 
 
-def hf_greedy(hf: Any, tokens: list[int], n: int) -> list[int]:
-    """transformers' greedy generate with EOS disabled (the engine runs with eos_ids=() too)."""
-    hf.generation_config.eos_token_id = None  # else SmolLM2's <|im_end|> (id 2) would stop it early
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([tokens]), max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return [int(t) for t in out[0, len(tokens):]]
-
-
 class RecordingSource(GGUFSource):
     """Remembers which tensors a stage asked for."""
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from common import prompts
+from hf_reference import hf_greedy
 from launchers import torchrun
 
 from distributed.pipeline import GenerationParams, Pipeline
@@ -46,16 +47,6 @@ def hf_model(arch: str, kwargs: dict[str, Any], seed: int = 0) -> torch.nn.Modul
             else:
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
     return model
-
-
-def hf_greedy(model: torch.nn.Module, ps: list[list[int]], n: int) -> list[list[int]]:
-    out = []
-    for p in ps:
-        with torch.no_grad():
-            ids = model.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-        out.append(ids[0, len(p):].tolist())
-    return out
 
 
 @pytest.fixture(scope="module", params=list(MODELS))

@@ -20,7 +20,7 @@ for _p in (str(REPO), str(REPO / "tests")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from hf_reference import build_hf_model  # noqa: E402
+from hf_reference import build_hf_model, hf_greedy  # noqa: E402
 
 import one_file_ref as ofr  # noqa: E402
 
@@ -84,13 +84,6 @@ def prompts() -> list[list[int]]:
     return [tokens[:5], tokens[:17], tokens]  # + 20 generated tokens: runs past several windows of 8
 
 
-def hf_greedy(hf: torch.nn.Module, prompt: list[int], max_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                          do_sample=False, eos_token_id=None, pad_token_id=0)  # type: ignore[operator]
-    return out[0, len(prompt):].tolist()
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_hf(name: str, tmp_path: Path) -> None:
@@ -130,7 +123,7 @@ def test_greedy_matches_hf_generate(name: str, tmp_path: Path) -> None:
     write_model(tmp_path, params, sd)
     hf = build_hf_model(params, sd)
     ps = prompts()
-    expected = [hf_greedy(hf, p, MAX_TOKENS) for p in ps]
+    expected = hf_greedy(hf, ps, MAX_TOKENS)
     assert all(len(set(e)) > 3 for e in expected)  # sanity: not one repeated token
     assert ofr.generate(str(tmp_path), ps, MAX_TOKENS, eos_id=None) == expected
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from common import CONFIGS, prompts, random_state, write_model
-from hf_reference import build_hf_model
+from hf_reference import build_hf_model, hf_greedy
 from launchers import REPO, base_env, torchrun
 
 from distributed.pipeline import GenerationParams, Pipeline
@@ -42,14 +42,7 @@ def single_process(path: Path) -> dict[str, list[list[int]]]:
 
 
 def transformers_greedy(name: str) -> list[list[int]]:
-    hf = build_hf_model(CONFIGS[name], random_state(CONFIGS[name]))
-    out = []
-    for p in PROMPTS:
-        with torch.no_grad():
-            ids = hf.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                              do_sample=False, eos_token_id=None, pad_token_id=0)
-        out.append(ids[0, len(p):].tolist())
-    return out
+    return hf_greedy(build_hf_model(CONFIGS[name], random_state(CONFIGS[name])), PROMPTS, MAX_TOKENS)
 
 
 @pytest.mark.timeout(240)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from hf_reference import hf_greedy
 from launchers import REPO, base_env, torchrun
 
 from distributed.pipeline import GenerationParams, Pipeline
@@ -41,12 +42,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     chat = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
                                    tokenize=True, return_dict=True)["input_ids"]
     prompts = [tok(t)["input_ids"] for t in TEXTS] + [list(chat)]
-    expected = []
-    for p in prompts:
-        with torch.no_grad():
-            ids = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
-        expected.append(ids[0, len(p):].tolist())
+    expected = hf_greedy(model, prompts, MAX_TOKENS)
     # A model loaded from a GGUF cannot save_pretrained directly: copy into a plain one.
     hf_dir = tmp_path_factory.mktemp("smollm2-hf")
     plain = transformers.AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
