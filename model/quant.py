@@ -241,7 +241,12 @@ class QuantLinear(nn.Module):
 
     def prepare(self) -> None:
         """Re-lay the weights for this device's kernel (once, after loading and fusing)."""
-        if self.kernel != "generic" or self.qweight.device.type != "cpu":
+        if self.kernel != "generic":
+            return
+        if self.qweight.device.type == "cuda":
+            self._prepare_cuda()
+            return
+        if self.qweight.device.type != "cpu":
             return
         if self.spec.mode == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             self._scales_bf16 = self.scales.to(torch.bfloat16)
@@ -264,6 +269,29 @@ class QuantLinear(nn.Module):
             self.scales = self.mins = torch.empty(0)
             self.kernel = "int4cpu"
 
+    def _prepare_cuda(self) -> None:
+        """int8: x @ q^T in the activations' dtype, then the per-channel scales (no dequantized copy
+        of the scaled weight). int4: PyTorch's tinygemm kernel (_weight_int4pack_mm, bf16, sm80+),
+        which computes (q - 8) * scale + zero like the CPU kernel, on a layout made from the
+        canonical nibbles (element 2j in the high nibble of byte j, as the kernel's packer takes them)."""
+        n, k, g = self.out_features, self.in_features, self.spec.group_size
+        if self.spec.mode == "int8":
+            self.kernel = "int8cuda"
+            return
+        tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), 0)
+        major, _ = torch.cuda.get_device_capability(self.qweight.device)
+        if not (hasattr(torch.ops.aten, "_convert_weight_to_int4pack") and major >= 8 and tiles and n % 8 == 0
+                and g in (32, 64, 128, 256)):  # fmt: skip
+            return  # the dequantizing path
+        q = unpack_nibbles(self.qweight)  # [N, K] 0..15
+        high_first = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack(high_first, tiles)
+        s, m = self.scales.float(), self.mins.float()
+        self._sz = torch.stack([s.t(), (m + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+        self.qweight = packed
+        self.scales = self.mins = torch.empty(0, device=packed.device)
+        self.kernel = "int4cuda"
+
     def _weight(self, dtype: torch.dtype, lo: int, hi: int) -> torch.Tensor:
         """Output rows lo:hi of the weight, dequantized to dtype [hi - lo, K]."""
         if self.kernel != "int4cpu":
@@ -283,7 +311,7 @@ class QuantLinear(nn.Module):
         # A block of output rows at a time: the dequantized block stays small (and in cache).
         n = self.out_features
         rows = max(_INT4_BLOCK_ROWS, QUANT_BLOCK_ELEMS // 4 // self.in_features // 64 * 64)
-        if n <= rows or (self.kernel == "int4cpu" and n % _INT4_BLOCK_ROWS):
+        if n <= rows or (self.kernel == "int4cpu" and n % _INT4_BLOCK_ROWS) or x2.is_cuda:  # GPUs: one pass
             return F.linear(x2, self._weight(x2.dtype, 0, n))
         return torch.cat([F.linear(x2, self._weight(x2.dtype, i, min(n, i + rows))) for i in range(0, n, rows)], -1)
 
@@ -297,6 +325,12 @@ class QuantLinear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group_size, self._sz
             )
+        elif self.kernel == "int4cuda":
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group_size, self._sz
+            )
+        elif self.kernel == "int8cuda":
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
         else:
             y = self._dequantized_linear(x2)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)

@@ -17,11 +17,15 @@ first token (median of the repeats). Each finished row is appended to `--results
 at once, so a later step (or a killed run) keeps what was measured; the markdown table of all
 rows in that file is printed last.
 
---compile: none (eager); default (torch.compile, inductor, of the decode step: the whole
-Transformer.forward for single-token steps, fullgraph); cudagraphs (the same with
-mode="reduce-overhead": CUDA graphs; the cache tensors are marked static and the cache is
-reused across generations so that the graphs stay valid). Prefill stays eager. Compiling applies
-to sdpa only (the xformers plan needs a host sync, which a graph can not hold).
+The model is prepared as the engine prepares a loaded stage: projections fused (wq|wk|wv, w1|w3),
+and with --quantize int8|int4 every linear quantized (model/quant.py) and laid out for its kernel.
+
+--compile: none (eager); engine (the engine's own `--compile`: Transformer.compile_decode,
+inductor on single-token steps); default (torch.compile of the whole forward for single-token
+steps, fullgraph); cudagraphs (the same with mode="reduce-overhead": CUDA graphs; the cache
+tensors are marked static and the cache is reused across generations so that the graphs stay
+valid). Prefill stays eager. Compiling applies to sdpa only (the xformers plan needs a host
+sync, which a graph can not hold).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from distributed.pipeline import GenerationParams, Pipeline  # noqa: E402
 from model.args import ModelArgs  # noqa: E402
 from model.attention import get_backend, xformers_available  # noqa: E402
 from model.cache import RollingCache  # noqa: E402
+from model.layers import fuse_projections  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -78,9 +83,43 @@ def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed
     return model.eval()
 
 
+def quantize_linears(model: Transformer, mode: str) -> None:
+    """Every linear the engine quantizes at load, quantized the same way (in place, on its device)."""
+    from torch import nn
+
+    from model.quant import QuantLinear, is_quantizable, parse_quantize, quantize, spec_for
+
+    spec = parse_quantize(mode)
+    assert spec is not None
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            full = f"{parent_name}.{child_name}.weight".lstrip(".")
+            if type(child) is nn.Linear and is_quantizable(full):
+                s = spec_for(full, spec)
+                parts = quantize(child.weight.detach(), s)
+                setattr(parent, child_name, QuantLinear.from_tensors(parts, s, child.in_features))
+                del parts, child
+
+
+def prepare_like_the_engine(model: Transformer, quantize_mode: str) -> None:
+    """launch/runtime.py's order: fuse the projections, quantize, fuse the quantized ones, lay out."""
+    from model.quant import fuse_quantized
+    from model.quant import prepare as prepare_quantized
+
+    if quantize_mode == "none":
+        fuse_projections(model)
+        return
+    quantize_linears(model, quantize_mode)
+    fuse_quantized(model)
+    prepare_quantized(model)
+
+
 def use_compile(model: Transformer, mode: str) -> None:
     """Compile the single-token (decode) steps of model.forward; prefill stays eager."""
     if mode == "none":
+        return
+    if mode == "engine":
+        model.compile_decode()
         return
     eager = model.forward
     compiled = torch.compile(
@@ -172,6 +211,7 @@ def bench_one(
         label,
         batch=batch,
         ttft_ms=round(1000 * ttft, 2),
+        prefill_tok_s=round(batch * opts.prompt_len / ttft),
         decode_tok_s=round(decode_tokens / decode_s, 1) if decode_s > 0 else None,
         per_seq_tok_s=round(steps / decode_s, 1) if decode_s > 0 else None,
         ms_per_step=round(1000 * decode_s / max(steps, 1), 3),
@@ -233,7 +273,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         ("attention", "attention"),
         ("compile", "compile"),
         ("batch", "batch"),
+        ("quantize", "weights"),
+        ("prompt_len", "prompt"),
         ("ttft_ms", "TTFT ms"),
+        ("prefill_tok_s", "prefill tok/s"),
         ("decode_tok_s", "decode tok/s"),
         ("per_seq_tok_s", "tok/s per seq"),
         ("ms_per_step", "ms/step"),
@@ -259,7 +302,14 @@ def report(path: Path, goal: float = 0.0) -> None:
         print(f"model {c}, {d}, prompt {p} tokens, {n} new tokens (decode tok/s: all sequences together)")
     print(table(rows) if rows else "(no results)")
     if goal:
-        ok = [r for r in rows if r.get("batch") == 1 and r.get("decode_tok_s") and r.get("config") == "mistral-7b.json"]
+        ok = [
+            r
+            for r in rows
+            if r.get("batch") == 1
+            and r.get("decode_tok_s")
+            and r.get("config") == "mistral-7b.json"
+            and r.get("quantize", "none") == "none"
+        ]
         if ok:
             best = max(ok, key=lambda r: r["decode_tok_s"])
             verdict = "met" if best["decode_tok_s"] >= goal else "NOT met"
@@ -281,7 +331,8 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attention", nargs="+", default=["sdpa", "xformers"], choices=["sdpa", "xformers", "auto"])
-    ap.add_argument("--compile", default="none", choices=["none", "default", "cudagraphs"])
+    ap.add_argument("--compile", default="none", choices=["none", "engine", "default", "cudagraphs"])
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"])
     ap.add_argument("--results", default="", help="JSON-lines file the rows are appended to (default: a temp file)")
     ap.add_argument("--report", default="", help="only print the table of this results file")
     ap.add_argument("--goal", type=float, default=150.0, help="batch-1 decode tok/s to check the 7B results against")
@@ -298,6 +349,7 @@ def main() -> None:
     t = time.perf_counter()
     model = random_model(args, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
+    prepare_like_the_engine(model, opts.quantize)
     log(
         f"model {Path(opts.config).name}: {n_params / 1e9:.2f}B parameters, {opts.dtype}, on {device} "
         f"in {time.perf_counter() - t:.1f}s"
@@ -308,7 +360,12 @@ def main() -> None:
         log(f"xformers kernels: {xformers_ops_used(model, device, dtype)}")
     use_compile(model, opts.compile)
     label_base = dict(
-        config=Path(opts.config).name, dtype=opts.dtype, prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, env=env
+        config=Path(opts.config).name,
+        dtype=opts.dtype,
+        quantize=opts.quantize,
+        prompt_len=opts.prompt_len,
+        new_tokens=opts.new_tokens,
+        env=env,
     )
     for name in opts.attention:
         for batch in opts.batch:

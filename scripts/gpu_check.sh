@@ -3,22 +3,25 @@
 #
 #   bash scripts/gpu_check.sh            # from anywhere; runs in the repository root
 #
-# 1. installs xformers from .whl/xformers-*.whl when that wheel is there (into /tmp, nothing
-#    else is touched); without it the xformers tests are skipped and the bench runs sdpa only.
-#    To bring it (on a machine with pip access, in the repo root; .whl/ is git-ignored):
-#      python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#        --platform manylinux_2_28_x86_64 -d .whl xformers==0.0.35
-#    and carry `.whl` to the GPU machine.
+# 1. installs the wheels in .whl/ (xformers, and the engine's dependencies a bare PyTorch image
+#    lacks: simple-parsing, gguf, fastapi/uvicorn/pydantic for serve) into /tmp/site, nothing else
+#    touched; without xformers its tests skip and the bench runs sdpa only. To bring them (on a
+#    machine with pip access, in the repo root; .whl/ is git-ignored): scripts/gpu_wheels.sh,
+#    then carry `.whl` to the GPU machine.
 # 2. prints nvidia-smi, torch / CUDA / xformers versions and the xformers kernels available;
 # 3. runs the GPU tests and the CPU attention-backend tests (pytest);
-# 4. benchmarks a Mistral-7B-shaped bf16 model (random weights) at batch 1 and 8: eager with sdpa
-#    and xformers, then sdpa with torch.compile + CUDA graphs, then sdpa with torch.compile;
-# 5. prints the results table last (and whether batch 1 reaches --goal tok/s).
+# 4. benchmarks a Mistral-7B-shaped bf16 model (random weights) at batch 1 and 8, eager, sdpa and
+#    xformers, and prefill of a 2048-token prompt;
+# 5. runs the engine's commands on the GPU against CPU / eager (scripts/gpu_engine_check.py:
+#    generate, --compile, --quantize, serve with concurrent clients, 2 NCCL ranks on one GPU);
+# 6. benchmarks CUDA graphs (torch.compile mode reduce-overhead), int4 / int8 weights, then the
+#    engine's own --compile, as far as the budget goes;
+# 7. prints the results tables last (and whether batch 1 reaches --goal tok/s).
 #
 # Every step has a timeout and the whole script stops within $BUDGET_S seconds (default 450);
 # a step that fails or times out does not stop the later ones. Logs and results go to
-# $OUT (when set, e.g. on the device machine) or /tmp/gpu_check. Exit status: non-zero if the
-# tests failed, or if no benchmark row was produced.
+# /tmp/gpu_check (and, when $OUT is set as on the device machine, into $OUT). Exit status: non-zero if the
+# tests or an engine check failed, or if no benchmark row was produced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,10 +29,16 @@ START=$(date +%s)
 BUDGET_S=${BUDGET_S:-450}
 DEADLINE=$((START + BUDGET_S))
 PY=${PYTHON:-python3}
-LOGS=${OUT:-/tmp/gpu_check}
+# The device tool returns at most 8 files from $OUT: logs go to one folder, packed into
+# $OUT/logs.tar.gz on exit beside the two results files.
+LOGS=/tmp/gpu_check
+rm -rf "$LOGS"
 mkdir -p "$LOGS"
 RESULTS="$LOGS/bench.jsonl"
-rm -f "$RESULTS"
+ENGINE="$LOGS/engine.jsonl"
+if [ -n "${OUT:-}" ]; then
+    trap 'tar czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null; cp -f "$RESULTS" "$ENGINE" "$OUT/" 2>/dev/null || true' EXIT
+fi
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 status=0
 
@@ -53,20 +62,20 @@ step() {
     return $rc
 }
 
-say "xformers wheel"
+say "wheels"
 shopt -s nullglob
-wheels=(.whl/xformers-*.whl)
+wheels=(.whl/*.whl)
 shopt -u nullglob
 if ((${#wheels[@]})); then
     if timeout 120 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/xformers-site "${wheels[@]}"; then
-        export PYTHONPATH=/tmp/xformers-site${PYTHONPATH:+:$PYTHONPATH}
-        echo "installed ${wheels[*]} into /tmp/xformers-site"
+        --target /tmp/site "${wheels[@]}"; then
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        echo "installed ${#wheels[@]} wheels into /tmp/site: ${wheels[*]}"
     else
-        echo "could not install ${wheels[*]}: going on without xformers"
+        echo "could not install ${wheels[*]}: going on without them"
     fi
 else
-    echo "no .whl/xformers-*.whl: xformers tests skip, the bench runs sdpa only (unless xformers is installed)"
+    echo "no .whl/*.whl: xformers tests skip, the bench runs sdpa only (unless xformers is installed)"
 fi
 
 say "machine"
@@ -83,23 +92,37 @@ try:
     print("xformers", xformers.__version__, "from", xformers.__file__)
 except Exception as e:
     print("xformers: not importable:", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+for name in ("simple_parsing", "gguf", "fastapi", "uvicorn", "prometheus_client", "transformers", "httpx"):
+    try:
+        __import__(name)
+    except Exception as e:
+        print(f"{name}: not importable: {type(e).__name__}: {e}")
 EOF
 if "$PY" -c "import xformers" 2>/dev/null; then
     timeout 60 "$PY" -m xformers.info 2>&1 | grep -E "memory_efficient_attention\.|pytorch\.|gpu\.|build\.cuda" || true
 fi
 
 tests_rc=0
-step 170 pytest "$PY" -m pytest tests/test_gpu.py tests/test_attention_backends.py -q -ra -p no:cacheprovider \
+step 150 pytest "$PY" -m pytest tests/test_gpu.py tests/test_attention_backends.py -q -ra -p no:cacheprovider \
     || tests_rc=$?
 ((tests_rc != 0)) && status=1
 
-step 120 bench_eager "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa xformers --compile none || true
+step 100 bench_eager "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa xformers --compile none || true
+step 45 bench_prefill "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa xformers --batch 1 \
+    --prompt_len 2048 --new_tokens 4 || true
+engine_rc=0
+step 140 engine "$PY" scripts/gpu_engine_check.py --results "$ENGINE" --budget 130 || engine_rc=$?
+((engine_rc != 0)) && status=1
 step 150 bench_cudagraphs "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa --compile cudagraphs || true
-step 150 bench_compile "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa --compile default || true
+step 60 bench_int4 "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa --quantize int4 || true
+step 60 bench_int8 "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa --quantize int8 --batch 1 || true
+step 120 bench_engine_compile "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa --compile engine \
+    --batch 1 || true
 
-say "summary (tests: $([ $tests_rc = 0 ] && echo passed || echo "FAILED, status $tests_rc"); logs in $LOGS)"
+say "summary (tests: $([ $tests_rc = 0 ] && echo passed || echo "FAILED, status $tests_rc"); engine checks: $([ $engine_rc = 0 ] && echo passed || echo "FAILED, status $engine_rc"); logs in $LOGS)"
 grep -E "passed|failed|error" "$LOGS/pytest.log" 2>/dev/null | tail -n 3 || true
 [ -s "$RESULTS" ] || status=1
+timeout 60 "$PY" scripts/gpu_engine_check.py --report "$ENGINE" || true
 timeout 60 "$PY" scripts/gpu_bench.py --report "$RESULTS" || status=1
 echo "total $(($(date +%s) - START))s"
 exit $status

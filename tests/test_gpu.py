@@ -140,3 +140,46 @@ def test_bf16_generation_on_gpu_runs(backend: str) -> None:
     # bf16 follows fp32 for the first tokens at least (peaked logits; later ones may diverge).
     ref = generate(build_model(MODEL_CONFIGS["moe"], device=CUDA), sdpa_attention)
     assert sum(a[:2] == b[:2] for a, b in zip(out, ref, strict=True)) >= len(PROMPTS) - 1
+
+
+@pytest.mark.parametrize("config,dtype", [("dense", torch.float32), ("moe", torch.float32), ("dense", torch.bfloat16)])
+def test_compiled_decode_on_gpu_gives_the_eager_tokens(config: str, dtype: torch.dtype) -> None:
+    """--compile on CUDA (inductor's triton kernels) against eager on CUDA; lengths past the window
+    (8) and M = 2, so row slices, padding and wrap-around go through the compiled step."""
+    from model.layers import fuse_projections
+
+    eager = build_model(MODEL_CONFIGS[config], device=CUDA, dtype=dtype)
+    compiled = build_model(MODEL_CONFIGS[config], device=CUDA, dtype=dtype)
+    for m in (eager, compiled):
+        fuse_projections(m)
+    compiled.compile_decode()
+    want = generate(eager, sdpa_attention, num_microbatches=2)
+    assert generate(compiled, sdpa_attention, num_microbatches=2) == want
+    assert compiled.compile_seconds > 0
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("n,k", [(256, 512), (96, 4096), (40, 96)])
+def test_quantized_linear_on_gpu_equals_its_dequantized_weight(mode: str, n: int, k: int) -> None:
+    """QuantLinear's CUDA path (int8: x @ q^T then the scales; int4: tinygemm where the shape allows,
+    else dequantization) against F.linear with the dequantized canonical weight, for decode and
+    prefill row counts."""
+    from model.quant import QuantLinear, QuantSpec, dequantize, quantize
+
+    spec = QuantSpec(mode, 32)
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) / math.sqrt(k)
+    parts = quantize(w, spec)
+    want_w = dequantize(parts, mode).to(CUDA)
+    lin = QuantLinear.from_tensors({s: t.to(CUDA) for s, t in parts.items()}, spec, k)
+    lin.prepare()
+    fast = mode == "int8" or (k % 32 == 0 and n % 8 == 0 and torch.cuda.get_device_capability()[0] >= 8)
+    assert lin.kernel == (f"{mode}cuda" if fast else "generic"), lin.kernel
+    for rows in (1, 7, 300):
+        x = torch.randn(rows, k, generator=g).to(CUDA)
+        want = torch.nn.functional.linear(x, want_w)
+        for dtype in (torch.bfloat16, torch.float32):
+            got = lin(x.to(dtype)).float()
+            assert got.shape == want.shape
+            err = (got - want).abs().max().item()
+            assert err <= 0.02 * want.abs().max().item() + 1e-3, (mode, rows, dtype, err)
