@@ -213,7 +213,7 @@ class Pipeline:
         out = self.stage.run(unit.rows, tokens, positions, unit.sample)
         if self.links is None:
             if unit.sample:
-                self._local.append(torch.cat([out, torch.tensor([self._busy_us()])]))
+                self._local.append(torch.cat([out, torch.tensor([self._busy_us()], device=out.device)]))
             return
         b, t = positions.shape
         inline = b * t <= INLINE_POSITIONS
