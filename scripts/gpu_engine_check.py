@@ -87,6 +87,9 @@ class Checker:
             tail = "\n".join((said or lines)[-4:])
             if "has no kernel" in tail:
                 raise Skipped(f"skipped: {tail.splitlines()[-1][:300]}")
+            if "Duplicate GPU detected" in err:  # NCCL refuses two ranks on one device
+                dup = next(line for line in err.splitlines() if "Duplicate GPU detected" in line)
+                raise Skipped(f"skipped: NCCL refuses two ranks on one GPU ({dup.strip()[:200]}); needs 2 GPUs")
             raise RuntimeError(f"exit {p.returncode}: {tail}")
         if stdout is not None:
             stdout.write_text(out)
