@@ -36,6 +36,10 @@ class GenerationParams:
     chunk_size: int | None = None  # None: the sliding window (or DEFAULT_CHUNK_NO_WINDOW)
     num_microbatches: int | None = None  # None: the number of stages
     eos_ids: tuple[int, ...] = (2,)  # any of these ends a sequence (not included in the output)
+    # Micro-batches once every prompt of a static batch is prefilled; None: num_microbatches.
+    # 1 where all stages share one CPU host's memory (launch/runtime.py): each micro-batch makes a
+    # stage read its weights again, and on one memory bus that costs more than idle stages.
+    decode_microbatches: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -44,6 +48,8 @@ class GenerationParams:
             raise ValueError(f"--chunk_size must be >= 1, got {self.chunk_size}")
         if self.num_microbatches is not None and self.num_microbatches < 1:
             raise ValueError(f"--num_microbatches must be >= 1, got {self.num_microbatches}")
+        if self.decode_microbatches is not None and self.decode_microbatches < 1:
+            raise ValueError(f"decode_microbatches must be >= 1, got {self.decode_microbatches}")
 
 
 def split_rows(batch: int, parts: int) -> list[slice]:

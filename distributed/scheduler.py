@@ -62,6 +62,7 @@ class Scheduler:
         token_budget: int | None,
         static: bool = False,
         merge: bool = False,
+        decode_lanes: int | None = None,
     ) -> None:
         self.pipeline, self.capacity, self.chunk = pipeline, capacity, chunk
         # static: admit only into an empty engine (one static batch at a time: a benchmark baseline)
@@ -70,6 +71,10 @@ class Scheduler:
         # over a padded key set, so its last bits may differ from a decode-only step)
         self.merge = merge
         self.token_budget = token_budget or math.inf
+        # decode_lanes: once nothing waits and every sequence decodes, re-cut the slots into this
+        # many lanes (a static batch: prefill pipelined over `lanes`, decode in `decode_lanes`).
+        self.decode_lanes = decode_lanes if decode_lanes not in (None, lanes) else None
+        self.slots = slots
         self.lanes = split_rows(slots, lanes)
         self.free = [list(range(r.start, r.stop)) for r in self.lanes]  # per lane, lowest first
         self.running: list[list[Sequence]] = [[] for _ in self.lanes]
@@ -98,6 +103,11 @@ class Scheduler:
         """Admit what fits, give every lane that is not waiting its next step, then take one answer."""
         self._reap_cancelled()
         self._admit()
+        if self.decode_lanes is not None and not self.waiting and all(s.decoding for r in self.running for s in r):
+            if self.expected:
+                self._receive()  # let the ring drain before the rows are re-cut
+                return
+            self._relane(self.decode_lanes)
         for lane in range(len(self.lanes)):
             if self.in_flight[lane] == 0:
                 for unit, sampled in self._lane_step(lane):
@@ -110,6 +120,20 @@ class Scheduler:
 
     def close(self) -> None:
         self.pipeline.end()
+
+    def _relane(self, lanes: int) -> None:
+        """Cut the slots into `lanes` lanes again (nothing in flight); sequences keep their slots."""
+        assert not self.expected and not any(self.in_flight)
+        seqs = [s for r in self.running for s in r]
+        self.decode_lanes = None
+        self.lanes = split_rows(self.slots, lanes)
+        self.running = [[] for _ in self.lanes]
+        self.free = [list(range(r.start, r.stop)) for r in self.lanes]
+        self.in_flight = [0] * len(self.lanes)
+        for seq in sorted(seqs, key=lambda s: s.slot):
+            seq.lane = next(i for i, r in enumerate(self.lanes) if r.start <= seq.slot < r.stop)
+            self.running[seq.lane].append(seq)
+            self.free[seq.lane].remove(seq.slot)
 
     def fail(self, reason: str) -> None:
         """End every sequence (the pipeline is gone)."""
@@ -233,8 +257,9 @@ def generate_batch(
     params: GenerationParams,
     on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
-    """A static batch through the scheduler: prompt b takes slot b, lanes are the M micro-batches,
-    and every prompt is prefilled one chunk per step without a budget."""
+    """A static batch through the scheduler: prompt b takes slot b, lanes are the M micro-batches
+    (params.decode_microbatches of them once every prompt is prefilled), and every prompt is
+    prefilled one chunk per step without a budget."""
     args = pipeline.stage.model.args
     for i, p in enumerate(prompts):
         if not p:
@@ -247,7 +272,8 @@ def generate_batch(
     capacity = cache_capacity(args.sliding_window, max(map(len, prompts)) + params.max_tokens)
     chunk = params.chunk_size or args.sliding_window or DEFAULT_CHUNK_NO_WINDOW
     lanes = params.num_microbatches or pipeline.n_stages
-    sched = Scheduler(pipeline, len(prompts), lanes, capacity, chunk, token_budget=None)
+    decode_lanes = params.decode_microbatches or lanes
+    sched = Scheduler(pipeline, len(prompts), lanes, capacity, chunk, token_budget=None, decode_lanes=decode_lanes)
 
     def tell(seq: Sequence, tok: int) -> bool:
         if on_token is not None:

@@ -81,6 +81,19 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
     return Topology()
 
 
+def single_host(topo: Topology, env: dict[str, str] | None = None) -> bool:
+    """Whether every rank of the job runs on this one node (torchrun: LOCAL_WORLD_SIZE equals
+    WORLD_SIZE; Slurm: one node in the step). Unknown counts as several hosts."""
+    env = dict(os.environ) if env is None else env
+    if topo.world_size == 1:
+        return True
+    if topo.launcher == "torchrun":
+        return env.get("LOCAL_WORLD_SIZE") == str(topo.world_size)
+    if topo.launcher == "slurm":
+        return (env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES")) == "1"
+    return False
+
+
 def pick_device(topo: Topology, device: str) -> torch.device:
     """'auto' -> cuda:<local rank> when CUDA is present, else cpu."""
     if device == "auto":

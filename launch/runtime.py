@@ -16,7 +16,7 @@ import torch.distributed as dist
 from distributed.p2p import Links
 from distributed.partition import stage_layers
 from distributed.pipeline import GenerationParams, Pipeline
-from distributed.topology import Topology, detect, init_distributed, pick_device
+from distributed.topology import Topology, detect, init_distributed, pick_device, single_host
 from launch.options import RunOptions
 from model.args import ConfigError, ModelArgs
 from model.attention import get_backend
@@ -105,7 +105,17 @@ class Runtime:
             sampling=SamplingParams(o.temperature, o.top_p, o.seed),
             chunk_size=o.chunk_size,
             num_microbatches=o.num_microbatches,
+            decode_microbatches=self.decode_microbatches(),
         )
+
+    def decode_microbatches(self) -> int | None:
+        """Decode micro-batches of a static batch: 1 when --num_microbatches is unset and every stage
+        is a CPU process of this one host (they share its memory bus: splitting the decode batch
+        makes each stage read its weights once per micro-batch, measured slower than idle stages,
+        docs/benchmarks.md); otherwise None (as --num_microbatches, default the number of stages)."""
+        if self.opts.num_microbatches is not None or self.n_stages == 1 or self.device.type != "cpu":
+            return None
+        return 1 if single_host(self.topo) else None
 
     def load(self, source: Source) -> Pipeline:
         """Build and load this rank's stage; returns the pipeline it takes part in."""

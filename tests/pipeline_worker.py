@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +63,10 @@ def main() -> None:
         s = GenerationParams(max_tokens=a.max_tokens, eos_ids=(), num_microbatches=m,
                              sampling=SamplingParams(temperature=0.8, top_p=0.9, seed=7))
         results[f"sampled m={m}"] = pipe.generate(prompts, s)
+        if m > 1:  # prefill in m micro-batches, decode in one (the default on one CPU host)
+            p = GenerationParams(max_tokens=a.max_tokens, eos_ids=(), num_microbatches=m, decode_microbatches=1)
+            results[f"greedy m={m} decode=1"] = pipe.generate(prompts, p)
+            results[f"sampled m={m} decode=1"] = pipe.generate(prompts, replace(s, decode_microbatches=1))
     pipe.shutdown()
     rt.close()
     Path(a.out).write_text(json.dumps(results))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,19 @@ def test_pipeline_matches_single_process_and_transformers(model: tuple[str, Path
     got = json.loads(out.read_text())
     for key, tokens in got.items():
         assert tokens == (ref["greedy"] if key.startswith("greedy") else ref["sampled"]), key
-    assert len(got) == 3 * 3 + 3
+    assert len(got) == 3 * 3 + 3 + 2 * 2  # M = 1, 2, 4 x chunks; sampled; M = 2, 4 with decode M = 1
+
+
+@pytest.mark.parametrize("lanes,decode", [(3, 1), (1, 3), (2, 4)])
+def test_decode_micro_batches_apart_from_prefill_give_the_same_tokens(model: tuple[str, Path, dict], lanes: int,
+                                                                      decode: int) -> None:
+    """A static batch re-cut into other lanes once every prompt is prefilled (one process)."""
+    _, path, ref = model
+    pipe = Pipeline(load_stage(path), 0, 1, torch.device("cpu"), None)
+    params = GenerationParams(max_tokens=MAX_TOKENS, eos_ids=(), num_microbatches=lanes, decode_microbatches=decode)
+    assert pipe.generate(PROMPTS, params) == ref["greedy"]
+    sampled = SamplingParams(temperature=0.8, top_p=0.9, seed=7)
+    assert pipe.generate(PROMPTS, replace(params, sampling=sampled)) == ref["sampled"]
 
 
 @pytest.mark.timeout(120)

@@ -18,7 +18,8 @@ def _fmt(x: float | None, spec: str) -> str:
 def print_report(r: dict[str, Any]) -> None:
     print(
         f"model {r['model']}, {r['dtype']} on {r['device']}, P={r['num_pipeline_ranks']} "
-        f"M={r['num_microbatches']} chunk={r['chunk_size']} threads/rank={r['threads_per_rank']}"
+        f"M={r['num_microbatches']} (decode {r.get('decode_microbatches', r['num_microbatches'])}) "
+        f"chunk={r['chunk_size']} threads/rank={r['threads_per_rank']}"
     )
     print(
         f"batch {r['batch_size']} x prompt {r['prompt_len']} tokens, {r['new_tokens']} new tokens each "

@@ -100,6 +100,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         sampling=sampling,
         chunk_size=opts.chunk_size,
         num_microbatches=opts.num_microbatches,
+        decode_microbatches=rt.decode_microbatches(),
         eos_ids=(),
     )
     naive = replace(params, chunk_size=opts.prompt_len, num_microbatches=1)
@@ -183,6 +184,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         "new_tokens": opts.new_tokens,
         "num_pipeline_ranks": world,
         "num_microbatches": min(opts.num_microbatches or world, opts.batch_size),
+        "decode_microbatches": min(params.decode_microbatches or opts.num_microbatches or world, opts.batch_size),
         "chunk_size": opts.chunk_size or args.sliding_window or DEFAULT_CHUNK_NO_WINDOW,
         "dtype": next(k for k, v in DTYPES.items() if v == dtype),
         "device": rt.device.type,
