@@ -9,10 +9,18 @@ Variants (each one `python -m launch bench ... --json` job, batch 1, P = 1):
   separate   the checkpoint's separate wq/wk/wv, w1/w3 linears, eager (the engine before issue 12)
   fused      fused wqkv / w13, eager (the default now)
   compiled   fused, decode steps through torch.compile (--compile; compile time reported apart)
+  int8, int4 fused, weights quantized at load (--quantize; issue 11)
+  llama-bf16, llama-q8_0, llama-q4_0
+             llama.cpp's llama-bench on `<--gguf_prefix>-<type>.gguf` (scripts/llamacpp_peer.py makes
+             and benches them; a job that cannot run is reported as skipped with its reason)
   hf         transformers' generate on the same tensors (the `separate` job's --compare_hf peer)
-With --bandwidth every job also reports the decode floor; the floor used here is the streamed bytes
-over the best read bandwidth seen in any job of the run (the machine's bandwidth varies). llama.cpp
-is not run by this script (see docs/benchmarks.md).
+With --bandwidth every engine job also reports the decode floor; the floor used here is each
+variant's streamed bytes over the best read bandwidth seen in any job of the run (the machine's
+bandwidth varies).
+
+    python scripts/decode_speed.py --config configs/mistral-7b.json --dtype bfloat16 --rounds 3 \
+        --variants fused,int8,int4,llama-bf16,llama-q8_0,llama-q4_0 --gguf_prefix /work/peers/m7b \
+        --prompt_len 32 --new_tokens 32 --repeat 2 --bandwidth
 """
 
 from __future__ import annotations
@@ -31,7 +39,26 @@ from typing import Any
 from scaling import wait_for_quiet, write_section  # scripts/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
-FLAGS = {"separate": ["--separate_projections"], "fused": [], "compiled": ["--compile"]}
+FLAGS = {
+    "separate": ["--separate_projections"],
+    "fused": [],
+    "compiled": ["--compile"],
+    "int8": ["--quantize", "int8"],
+    "int4": ["--quantize", "int4"],
+}
+
+
+def llama_job(a: argparse.Namespace, variant: str) -> dict[str, Any]:
+    """llama.cpp's decode ms/token for `<gguf_prefix>-<type>.gguf` through scripts/llamacpp_peer.py."""
+    gguf = f"{a.gguf_prefix}-{variant.removeprefix('llama-')}.gguf"
+    cmd = [sys.executable, str(REPO / "scripts" / "llamacpp_peer.py"), "bench", gguf, "--threads", str(a.threads),
+           "--prompt", str(a.prompt_len), "--gen", str(a.new_tokens), "--repeat", str(a.repeat)]  # fmt: skip
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    out: dict[str, Any] = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("{")))
+    out["command"] = " ".join(["python", *cmd[1:]])
+    return out
 
 
 def job(a: argparse.Namespace, variant: str, hf: bool) -> dict[str, Any]:
@@ -74,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--omp_wait_policy", default="PASSIVE")
     ap.add_argument("--quiet_cpu", type=float, default=None, help="wait until the CPUs are at most this %% busy")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--gguf_prefix", default="/work/peers/m7b", help="llama-* variants: <prefix>-<type>.gguf")
     ap.add_argument("--tag", default="decode-tiny")
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--json_out", type=Path, default=None)
@@ -89,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if a.quiet_cpu is not None:
                 wait_for_quiet(a.quiet_cpu, 120)
             loads.append(os.getloadavg()[0])
-            r = job(a, v, hf=a.hf and v == variants[0])
+            r = llama_job(a, v) if v.startswith("llama-") else job(a, v, hf=a.hf and v == variants[0])
             runs[v].append(r)
             print(f"round {i + 1}/{a.rounds} {v}: {r['decode_ms_per_token']:.3f} ms/token", file=sys.stderr, flush=True)
     if a.json_out:
@@ -106,17 +134,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "|---|---|---|---|---|",
     ]
     hf_ms = [r["peers"]["transformers"]["decode_ms_per_token"] for r in runs[base]] if a.hf else []
-    bws = [rk["bandwidth"]["read_gbs"] for rs in runs.values() for r in rs for rk in r["ranks"] if "bandwidth" in rk]
+    engine_ranks = [rk for rs in runs.values() for r in rs for rk in r.get("ranks", [])]
+    bws = [rk["bandwidth"]["read_gbs"] for rk in engine_ranks if "bandwidth" in rk]
     best_bw = max(bws, default=0.0)
     for v in variants:
         ratio = [b / x for b, x in zip(ms[base], ms[v], strict=True)]
         other = []
-        comp = [r["ranks"][0].get("compile_s") or 0 for r in runs[v]]
+        comp = [r["ranks"][0].get("compile_s") or 0 for r in runs[v]] if "ranks" in runs[v][0] else []
         if any(comp):
             other.append(f"compile {spread(comp, '.1f')} s once")
         if hf_ms:
             other.append(f"{spread([h / x for h, x in zip(hf_ms, ms[v], strict=True)])}x transformers' speed")
-        if best_bw:
+        other.append(f"prefill {spread([r['prefill_tok_s'] for r in runs[v]], '.1f')} tok/s")
+        if runs[v][0].get("peak_rss_bytes"):
+            other.append(f"peak RSS {max(max(r['peak_rss_bytes']) for r in runs[v]) / 1e9:.2f} GB")
+        if best_bw and "ranks" in runs[v][0]:
             floor = 1000 * runs[v][0]["ranks"][0]["streamed_bytes"] / (best_bw * 1e9)
             other.append(f"{statistics.median(ms[v]) / floor:.2f}x floor, best {min(ms[v]) / floor:.2f}x")
         lines.append(f"| {v} | {spread(ms[v], '.3f')} | {1000 / statistics.median(ms[v]):.1f} | "
