@@ -24,7 +24,15 @@ from model.checkpoint import expected_shapes, load_stage, parse_dtype
 from model.cpu_kernels import pack_linears
 from model.formats import Source
 from model.layers import fuse_projections
-from model.quant import fuse_quantized, parse_quantize
+from model.quant import (
+    QuantLinear,
+    QuantSpec,
+    fuse_quantized,
+    parse_quantize,
+    source_quantization,
+    tensor_bytes,
+    weight_bytes,
+)
 from model.quant import prepare as prepare_quantized
 from model.sampling import SamplingParams
 
@@ -142,7 +150,7 @@ class Runtime:
         if progress is not None:
             progress(f"stage loaded from {source.kind} {source.path} in {self.load_seconds:.1f} s")
         if self.rank == 0:
-            print_split(args, split, next(model.parameters()).element_size())
+            print_split(args, split, next(model.parameters()).element_size(), quant or source_quantization(source))
         model.attention = get_backend(self.opts.attention, self.device)
         fuse_projections(model)  # wq|wk|wv and w1|w3 as one linear each (after the LoRA merge)
         fuse_quantized(model)  # the same for linears quantized at load, then their kernels' layout
@@ -159,8 +167,9 @@ class Runtime:
 
         model = pipeline.stage.model
         elem = next(model.parameters()).element_size()
-        share = sum(p.numel() * p.element_size() for p in model.parameters())
-        whole = sum(math.prod(s) for s in expected_shapes(model.args).values()) * elem
+        share = weight_bytes(model)  # parameters and quantized buffers
+        spec = next((m.spec for m in model.modules() if isinstance(m, QuantLinear)), None)
+        whole = sum(tensor_bytes(n, s, elem, spec) for n, s in expected_shapes(model.args).items())
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         gpu = ""
         if self.device.type == "cuda":
@@ -176,7 +185,9 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def print_split(args: ModelArgs, split: list[list[int]], elem_bytes: int | None = None) -> None:
+def print_split(
+    args: ModelArgs, split: list[list[int]], elem_bytes: int | None = None, quant: QuantSpec | None = None
+) -> None:
     shapes = expected_shapes(args)
     log(f"pipeline: {len(split)} stage(s) over {args.n_layers} layers")
     for s, layers in enumerate(split):
@@ -186,7 +197,10 @@ def print_split(args: ModelArgs, split: list[list[int]], elem_bytes: int | None 
         if s == len(split) - 1:
             names += ["norm.weight", "output.weight"]
         n = sum(math.prod(shapes[k]) for k in names)
-        size = "" if elem_bytes is None else f", {n * elem_bytes / 2**20:.1f} MiB"
+        size = ""
+        if elem_bytes is not None:
+            nbytes = sum(tensor_bytes(k, shapes[k], elem_bytes, quant) for k in names)
+            size = f", {nbytes / 2**20:.1f} MiB" + (f" ({quant.describe()})" if quant is not None else "")
         log(f"  stage {s}: layers {layers[0]}-{layers[-1]} ({len(layers)}), {n / 1e6:.2f}M parameters{size}")
 
 

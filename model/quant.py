@@ -25,6 +25,7 @@ torchao's or PyTorch's CUDA int4/int8 kernels).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -399,6 +400,19 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the stage's weights: parameters plus quantized buffers (as the kernels hold them)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return params + sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def tensor_bytes(name: str, shape: tuple[int, ...], elem_bytes: int, spec: QuantSpec | None) -> int:
+    """Bytes a checkpoint tensor takes in a stage: float elements, or the quantized format's data and
+    scales (int8: a byte per weight + an fp32 scale per row; int4: half a byte + fp16 scale and zero
+    per group) for the linears quantization converts."""
+    n = math.prod(shape)
+    if spec is None or not is_quantizable(name):
+        return n * elem_bytes
+    spec = spec_for(name, spec)
+    if spec.mode == "int8":
+        return n + 4 * shape[0]
+    return n // 2 + 4 * (n // spec.group_size)
 
 
 # -- the quantization block of a checkpoint ---------------------------------------------------------

@@ -253,3 +253,20 @@ def test_smollm2_perplexity_command_two_stages() -> None:
     a, b = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(out.strip().splitlines()[-1])
     assert a["tokens"] == b["tokens"] == 128
     assert math.isclose(a["perplexity"], b["perplexity"], rel_tol=1e-3), (a, b)
+
+
+@pytest.mark.parametrize("name", ["layers.0.attention.wq.weight", "output.weight", "tok_embeddings.weight"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_reported_bytes_are_the_quantized_buffers(name: str, mode: str) -> None:
+    """What print_split / report_memory say a tensor takes equals the buffers QuantLinear holds."""
+    from model.quant import QuantLinear, is_quantizable, spec_for, tensor_bytes
+
+    spec = QuantSpec(mode, 32)
+    w = torch.randn(96, 128)
+    if not is_quantizable(name):
+        assert tensor_bytes(name, tuple(w.shape), 2, spec) == w.numel() * 2
+        return
+    s = spec_for(name, spec)
+    lin = QuantLinear.from_tensors(quantize(w, s), s, 128)
+    assert tensor_bytes(name, tuple(w.shape), 2, spec) == lin.nbytes()
+    assert tensor_bytes(name, tuple(w.shape), 2, None) == w.numel() * 2
