@@ -19,6 +19,9 @@
 #    the budget goes;
 # 7. prints the results tables last (and whether batch 1 reaches --goal tok/s).
 #
+# STEPS="pytest engine bench_int4" runs only the steps named (pytest, bench_eager, bench_prefill,
+# bench_cudagraphs, engine, bench_int4, bench_int8, bench_engine_compile), e.g. to spend a short
+# device lease on what an earlier run did not reach.
 # Every step has a timeout and the whole script stops within $BUDGET_S seconds (default 450);
 # a step that fails or times out does not stop the later ones. Logs and results go to
 # /tmp/gpu_check (and, when $OUT is set as on the device machine, into $OUT). Exit status: non-zero if the
@@ -49,6 +52,10 @@ say() { printf '\n=== [%3ds] %s\n' "$(($(date +%s) - START))" "$*"; }
 step() {
     local cap=$1 name=$2
     shift 2
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+        say "skipped $name: not in STEPS ($STEPS)"
+        return 0
+    fi
     local left=$((DEADLINE - $(date +%s) - 10))
     if ((left < 20)); then
         say "skipped $name: only ${left}s of the budget left"
@@ -121,7 +128,17 @@ step 60 bench_int8 "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention s
 step 120 bench_engine_compile "$PY" scripts/gpu_bench.py --results "$RESULTS" --attention sdpa --compile engine \
     --batch 1 || true
 
-say "summary (tests: $([ $tests_rc = 0 ] && echo passed || echo "FAILED, status $tests_rc"); engine checks: $([ $engine_rc = 0 ] && echo passed || echo "FAILED, status $engine_rc"); logs in $LOGS)"
+# state NAME RC: what the summary says of a step
+state() {
+    if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $1 "* ]]; then
+        echo "not run"
+    elif [ "$2" = 0 ]; then
+        echo passed
+    else
+        echo "FAILED, status $2"
+    fi
+}
+say "summary (tests: $(state pytest $tests_rc); engine checks: $(state engine $engine_rc); logs in $LOGS)"
 grep -E "passed|failed|error" "$LOGS/pytest.log" 2>/dev/null | tail -n 3 || true
 [ -s "$RESULTS" ] || status=1
 timeout 60 "$PY" scripts/gpu_engine_check.py --report "$ENGINE" || true
