@@ -252,7 +252,11 @@ class QuantLinear(nn.Module):
         if self.spec.mode == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             self._scales_bf16 = self.scales.to(torch.bfloat16)
             self.kernel = "int8cpu"
-        elif self.spec.mode == "int4" and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"):
+        elif (
+            self.spec.mode == "int4"
+            and self.spec.group_size in (32, 64, 128, 256)  # the kernel's group sizes; others dequantize
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+        ):
             # Blocks of 64 output rows are independent in the kernel's layout: convert a block of rows at
             # a time (the int32 input is 8x the packed bytes).
             n, k = self.out_features, self.in_features
