@@ -197,9 +197,16 @@ class Scheduler:
         # The j-th generated token (0-based) sits at position len(prompt) + j.
         work = [(s, [s.out[-1]], len(s.prompt) + len(s.out) - 1) for s in decoders]
         budget = self.token_budget
+        longest = self.chunk
+        if self.merge and decoders:
+            # Merged, every row of the unit is padded to its longest chunk: the budget bounds the
+            # padded tokens (rows x chunk length), so a step that carries prefill costs a bounded
+            # multiple of a decode step (inter-token latency) instead of rows x chunk.
+            rows = [s.slot for s in seqs if s.decoding or s.prefilled < len(s.prompt)]
+            longest = int(max(1, min(self.chunk, budget // (max(rows) - min(rows) + 1))))
         chunks = []
         for s in seqs:  # admission order
-            n = int(min(self.chunk, len(s.prompt) - s.prefilled, budget))
+            n = int(min(longest, len(s.prompt) - s.prefilled, budget))
             if s.decoding or n <= 0:
                 continue
             chunks.append((s, s.prompt[s.prefilled : s.prefilled + n], s.prefilled))

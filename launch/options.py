@@ -21,7 +21,9 @@ class RunOptions:
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
     seed: int = 0  # seed of the sampler (the same seed gives the same tokens for any pipeline layout)
     num_pipeline_ranks: int = 1  # pipeline stages; must equal the number of processes (torchrun --nproc-per-node)
-    num_microbatches: int | None = None  # micro-batches a batch is cut into; unset: the number of stages
+    # micro-batches a batch is cut into; unset: the number of stages, and for decode 1 when every stage is a
+    # CPU process of one host (they share its memory: each micro-batch would re-read the stage's weights)
+    num_microbatches: int | None = None
     chunk_size: int | None = None  # prefill chunk length in tokens; unset: the sliding window, else 1024
     layer_split: str | None = None  # layers per stage, e.g. 3,4,4,3; unset: balanced by cost
     # dtype the weights are converted to and the model computes in; unset: the checkpoint's (bf16 on CUDA)
@@ -101,7 +103,7 @@ class ServeOptions(RunOptions):
     max_batch: int = 16  # sequences decoding at once (cache slots)
     max_queue: int = 256  # sequences waiting for a slot before requests get 429
     api_key: str | None = None  # require "Authorization: Bearer KEY" on /v1/*
-    token_budget: int = 256  # prompt tokens prefilled per lane step, beside the decoding sequences
+    token_budget: int = 256  # prompt tokens per lane step; with --merge_steps, rows x chunk length of the step
     max_context: int = 2048  # tokens per slot for models without a sliding window (prompt + output)
     model_name: str | None = None  # the name /v1/models reports and requests must use; unset: the file's
     static_batching: bool = False  # benchmark baseline: admit only when no sequence runs (one batch at a time)

@@ -221,3 +221,20 @@ def test_kill9_of_rank1_ends_open_streams_and_every_process(model: Path) -> None
             assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(600)
+def test_compiled_server_gives_offline_tokens(model: Path, tmp_path: Path) -> None:
+    """serve --compile: decode steps of the changing batch shapes go through torch.compile (bounded
+    recompiles, eager past torch's limit); concurrent greedy completions still equal offline generate."""
+    ref = offline(model, [{"prompt": t} for t in TEXTS], tmp_path, ["--max_tokens", str(MAX)])
+    srv = ServerProcess(model, ["--max_batch", "4", "--dist_timeout", "60", "--compile"])
+    try:
+        srv.wait_ready()
+        c = client(srv)
+        with ThreadPoolExecutor(len(TEXTS)) as pool:
+            got = list(pool.map(lambda t: c.completions.create(model="m", prompt=t, max_tokens=MAX,
+                                                               temperature=0).choices[0].text, TEXTS))  # fmt: skip
+        assert got == [r["text"] for r in ref]
+    finally:
+        srv.stop()
