@@ -26,6 +26,9 @@ from distributed.pipeline import DEFAULT_CHUNK_NO_WINDOW, Admission, GenerationP
 from model.cache import cache_capacity
 from model.sampling import SamplingParams
 
+# A merged step's chunks are cut to budget / rows, but not below this many tokens.
+MIN_MERGED_CHUNK = 16
+
 
 @dataclass(eq=False)
 class Sequence:
@@ -200,10 +203,12 @@ class Scheduler:
         longest = self.chunk
         if self.merge and decoders:
             # Merged, every row of the unit is padded to its longest chunk: the budget bounds the
-            # padded tokens (rows x chunk length), so a step that carries prefill costs a bounded
-            # multiple of a decode step (inter-token latency) instead of rows x chunk.
+            # padded tokens (rows x chunk length), so that a long-window model does not merge a
+            # 256-token chunk with 16 decode rows into 16 x 256 tokens; never below MIN_MERGED_CHUNK
+            # (short windows keep their chunks, and prompts still advance by whole chunks).
             rows = [s.slot for s in seqs if s.decoding or s.prefilled < len(s.prompt)]
-            longest = int(max(1, min(self.chunk, budget // (max(rows) - min(rows) + 1))))
+            per_row = budget // (max(rows) - min(rows) + 1)
+            longest = int(min(self.chunk, max(MIN_MERGED_CHUNK, per_row)))
         chunks = []
         for s in seqs:  # admission order
             n = int(min(longest, len(s.prompt) - s.prefilled, budget))
