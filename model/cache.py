@@ -56,6 +56,12 @@ class RollingCache:
         return StepContext(self, rows, positions)
 
 
+def used_prefix(held: torch.Tensor) -> int:
+    """held [B, W]: which slots rows hold -> the length of the prefix of slots that covers them all."""
+    cols = held.any(dim=0).nonzero()
+    return int(cols.max()) + 1 if cols.numel() else 0
+
+
 class StepContext:
     """Everything the layers of one stage need for one (micro-batch, chunk) step.
 
@@ -79,6 +85,15 @@ class StepContext:
         # plus the T new keys, then write, because a later chunk token may overwrite a key an
         # earlier query of the same chunk still needs.
         self.write_first = positions.shape[1] == 1
+        # Attend over the slots in use only: a row fills its slots from 0 up until it wraps (and
+        # from 0 again after a new admission), so the slots any row of the step holds are a prefix;
+        # the rest are masked anyway. A server's rows have the whole window as capacity (4096 for
+        # Mistral): short sequences would otherwise read and mask every slot at every step. Compiled
+        # steps keep all W (a fixed shape, no host sync).
+        held = (new_pos if self.write_first else old_pos)[:, :w] >= 0
+        if not torch.compiler.is_compiling():
+            w = used_prefix(held)
+        self.width = w
         key_pos = new_pos[:, :w] if self.write_first else torch.cat([old_pos[:, :w], positions], dim=1)
         allowed = mask_rule(positions, key_pos, cache.sliding_window)  # [B, T, K]
         # Padding queries see every key so that softmax rows are never empty (their outputs are
@@ -95,7 +110,7 @@ class StepContext:
 
     def kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's keys/values [B, T, Hkv, D]; return the keys/values to attend over [B, K, Hkv, D]."""
-        w = self.cache.capacity
+        w = self.width
         ck, cv = self.cache.k[layer][self.rows], self.cache.v[layer][self.rows]
         if self.write_first:
             self._write(layer, k, v)
