@@ -81,10 +81,10 @@ def detect(env: Mapping[str, str] | None = None) -> Topology:
     return Topology()
 
 
-def single_host(topo: Topology, env: dict[str, str] | None = None) -> bool:
+def single_host(topo: Topology, env: Mapping[str, str] | None = None) -> bool:
     """Whether every rank of the job runs on this one node (torchrun: LOCAL_WORLD_SIZE equals
     WORLD_SIZE; Slurm: one node in the step). Unknown counts as several hosts."""
-    env = dict(os.environ) if env is None else env
+    env = os.environ if env is None else env
     if topo.world_size == 1:
         return True
     if topo.launcher == "torchrun":

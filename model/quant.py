@@ -44,6 +44,7 @@ DEFAULT_GROUP_SIZE = 32
 # 57 ms at 64); dequantizing costs a few passes over the weight whatever the rows (a 16-token
 # prefill of the 7B shape through dequantization took 30 s against ~1.5 s in bf16 on a loaded machine).
 KERNEL_MAX_ROWS = 128
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels (CPU and CUDA) take
 _INT4_BLOCK_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64
 QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows of about this many elements
 
@@ -254,7 +255,7 @@ class QuantLinear(nn.Module):
             self.kernel = "int8cpu"
         elif (
             self.spec.mode == "int4"
-            and self.spec.group_size in (32, 64, 128, 256)  # the kernel's group sizes; others dequantize
+            and self.spec.group_size in INT4_KERNEL_GROUPS  # others dequantize
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
         ):
             # Blocks of 64 output rows are independent in the kernel's layout: convert a block of rows at
@@ -268,11 +269,16 @@ class QuantLinear(nn.Module):
                 for i in range(0, n, rows)
             ])
             # The kernel computes (q - 8) * scale + zero: zero = min + 8 * scale.
-            s, m = self.scales.float(), self.mins.float()
-            self._sz = torch.stack([s.t(), (m + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+            self._sz = self._scales_and_zeros()
             self.qweight = packed
             self.scales = self.mins = torch.empty(0)
             self.kernel = "int4cpu"
+
+    def _scales_and_zeros(self) -> torch.Tensor:
+        """[K/g, N, 2] bf16 (scale, zero) for PyTorch's int4 kernels (CPU and CUDA alike), which compute
+        (q - 8) * scale + zero: zero = min + 8 * scale."""
+        s, m = self.scales.float(), self.mins.float()
+        return torch.stack([s.t(), (m + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
 
     def _prepare_cuda(self) -> None:
         """int8: x @ q^T in the activations' dtype, then the per-channel scales (no dequantized copy
@@ -286,13 +292,12 @@ class QuantLinear(nn.Module):
         tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), 0)
         major, _ = torch.cuda.get_device_capability(self.qweight.device)
         if not (hasattr(torch.ops.aten, "_convert_weight_to_int4pack") and major >= 8 and tiles and n % 8 == 0
-                and g in (32, 64, 128, 256)):  # fmt: skip
+                and g in INT4_KERNEL_GROUPS):  # fmt: skip
             return  # the dequantizing path
         q = unpack_nibbles(self.qweight)  # [N, K] 0..15
         high_first = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).contiguous()
         packed = torch.ops.aten._convert_weight_to_int4pack(high_first, tiles)
-        s, m = self.scales.float(), self.mins.float()
-        self._sz = torch.stack([s.t(), (m + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+        self._sz = self._scales_and_zeros()
         self.qweight = packed
         self.scales = self.mins = torch.empty(0, device=packed.device)
         self.kernel = "int4cuda"
