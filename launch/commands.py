@@ -84,6 +84,8 @@ def check_vocab(tok: Tokenizer, pipeline: Pipeline) -> None:
 class Command:
     """prepare() runs on every rank before the error agreement; run() only on rank 0."""
 
+    batch: int | None = None  # the most sequences a decode step carries (None: unknown)
+
     def __init__(self, rt: Runtime, model_dir: Path) -> None:
         self.rt, self.model_dir = rt, model_dir
         self.tok: Tokenizer | None = None
@@ -92,7 +94,7 @@ class Command:
         source = open_source(self.model_dir)
         if self.rt.rank == 0:
             self.tok = source.tokenizer()
-        pipeline = self.rt.load(source)
+        pipeline = self.rt.load(source, self.batch)
         if self.tok is not None:
             check_vocab(self.tok, pipeline)
         return pipeline
@@ -102,6 +104,8 @@ class Command:
 
 
 class Demo(Command):
+    batch = len(DEMO_PROMPTS)
+
     def run(self, pipeline: Pipeline) -> None:
         assert self.tok is not None
         tok, params = self.tok, self.rt.generation_params(self.tok.eos_ids)
@@ -127,6 +131,7 @@ class Generate(Command):
     def __init__(self, rt: Runtime, model_dir: Path, opts: GenerateOptions) -> None:
         super().__init__(rt, model_dir)
         self.opts = opts
+        self.batch = opts.batch_size
         self.prompts: list[list[int]] = []
 
     def prepare(self) -> Pipeline:
@@ -162,6 +167,8 @@ class Generate(Command):
 
 
 class Interactive(Command):
+    batch = 1
+
     def __init__(self, rt: Runtime, model_dir: Path, opts: InteractiveOptions) -> None:
         super().__init__(rt, model_dir)
         self.instruct = opts.instruct

@@ -38,6 +38,11 @@ class RunOptions:
     # unset: as the checkpoint is (a quantized checkpoint runs in its own format)
     quantize: str | None = field(default=None, choices=["none", "int8", "int4"])
     group_size: int = 32  # int4 group size (input columns sharing a scale and zero point)
+    # CPU bf16 linears: "blocked" = the engine's AVX512-BF16 kernel (weights streamed in blocks of 8 rows;
+    # fastest at 1-2 rows a step: decode at batch 1-2; built once with the C++ compiler), "onednn" =
+    # oneDNN's packed layout (faster from 3 rows: batched decode, prefill); auto: blocked when a decode
+    # step has at most 2 rows (interactive, bench/generate --batch_size 1-2) and the CPU has AVX512-BF16
+    cpu_linear: str = field(default="auto", choices=["auto", "blocked", "onednn"])
 
 
 @dataclass

@@ -21,7 +21,7 @@ from launch.options import RunOptions
 from model.args import ConfigError, ModelArgs
 from model.attention import get_backend
 from model.checkpoint import expected_shapes, load_stage, parse_dtype
-from model.cpu_kernels import pack_linears
+from model.cpu_kernels import prepare_cpu_linears
 from model.formats import Source
 from model.layers import fuse_projections
 from model.quant import (
@@ -125,8 +125,16 @@ class Runtime:
             return None
         return 1 if single_host(self.topo) else None
 
-    def load(self, source: Source) -> Pipeline:
-        """Build and load this rank's stage; returns the pipeline it takes part in."""
+    def step_rows(self, batch: int | None) -> int | None:
+        """Rows a stage's decode step computes for a batch of sequences (None: unknown)."""
+        if batch is None:
+            return None
+        m = self.opts.num_microbatches or self.decode_microbatches() or self.n_stages
+        return -(-batch // max(1, min(m, batch)))
+
+    def load(self, source: Source, batch: int | None = None) -> Pipeline:
+        """Build and load this rank's stage; returns the pipeline it takes part in. batch: the most
+        sequences a decode step will carry (None: unknown), for the choice of CPU linear kernel."""
         args = source.args
         lora = None
         if self.opts.lora:
@@ -155,7 +163,10 @@ class Runtime:
         fuse_projections(model)  # wq|wk|wv and w1|w3 as one linear each (after the LoRA merge)
         fuse_quantized(model)  # the same for linears quantized at load, then their kernels' layout
         prepare_quantized(model)
-        pack_linears(model)  # CPU bf16 only; a no-op elsewhere
+        # CPU bf16 only (a no-op elsewhere): the blocked AVX512-BF16 kernel or oneDNN's packed layout
+        done = prepare_cpu_linears(model, self.opts.cpu_linear, self.step_rows(batch))
+        if done and progress is not None:
+            progress(done)
         if self.opts.compile:
             model.compile_decode()  # compiles at the first decode step of each shape (bench reports the time)
         links = Links(self.rank, self.n_stages, self.device) if self.n_stages > 1 else None

@@ -328,6 +328,7 @@ class Serve(Command):
     def __init__(self, rt: Runtime, model_dir: Path, opts: ServeOptions) -> None:
         super().__init__(rt, model_dir)
         self.opts = opts
+        self.batch = opts.max_batch
         name = opts.model_name or (model_dir.stem if model_dir.suffix == ".gguf" else model_dir.name)
         self.state = State(opts, name)
         self.server: Any = None

@@ -1,13 +1,26 @@
-"""CPU fast path: bf16 linear layers on oneDNN's pre-packed weight layout.
+"""CPU fast paths for bf16 linear layers, each on a weight re-laid out once at load.
 
-PyTorch's default bf16 matrix-vector product on CPU reaches ~18 GB/s of weight reads on this
-kind of machine (2 cores, AVX512-BF16), well below the memory bandwidth; the same GEMM on a
-weight re-laid out once by oneDNN (what inductor's freezing pass does) gives bit-identical
-results 1.2-3x faster in decode. Parameter names do not change; the packed weight has the same
-shape but an opaque layout, so a packed model is for inference only (do not save its state_dict).
+- oneDNN's pre-packed layout (`pack_linears`): PyTorch's default bf16 matrix-vector product on CPU
+  reaches ~18 GB/s of weight reads on this kind of machine (2 cores, AVX512-BF16), well below the
+  memory bandwidth; the same GEMM on a weight packed once by oneDNN (what inductor's freezing pass
+  does) gives bit-identical results 1.2-3x faster in decode, and it is the faster kernel from 3
+  rows a step up (batched decode, prefill).
+- The engine's own AVX512-BF16 kernel (`block_linears`, model/csrc/bf16_linear.cpp, built at run
+  time with torch's cpp_extension): weights in blocks of 8 rows read as one sequential stream,
+  1.3-1.45x oneDNN's packed kernel at 1-2 rows a step (decode at batch 1-2), slower from 3 rows
+  (docs/benchmarks.md). Needs a CPU with avx512_bf16, a C++ compiler and ninja; without them the
+  engine stays on oneDNN and says why.
+
+Parameter names do not change; a re-laid-out weight has the same shape (oneDNN's is opaque), so such
+a model is for inference only (do not save its state_dict; `unpack_linears` restores plain weights).
 """
 
 from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +72,158 @@ def pack_linears(model: nn.Module) -> int:
 
 
 def unpack_linears(model: nn.Module) -> int:
-    """Undo model.cpu_kernels.pack_linears in place (one tensor at a time): plain [out, in] weights
-    that other code (transformers) can use. Returns how many were unpacked."""
+    """Undo pack_linears and block_linears in place (one tensor at a time): plain [out, in] weights
+    that other code (transformers) can use. Returns how many were restored."""
     n = 0
     for mod in model.modules():
-        if isinstance(mod, nn.Linear) and mod.weight.is_mkldnn:
+        if isinstance(mod, BlockedLinear):
+            kernels = blocked_kernels()
+            assert kernels is not None  # the module could not have been blocked without them
+            mod.weight = nn.Parameter(kernels.unblock_weight(mod.weight.detach()), requires_grad=False)
+        elif isinstance(mod, nn.Linear) and mod.weight.is_mkldnn:
             mod.weight = nn.Parameter(mod.weight.detach().to_dense(), requires_grad=False)
-            mod.__class__ = nn.Linear
-            n += 1
+        else:
+            continue
+        mod.__class__ = nn.Linear
+        n += 1
     return n
+
+
+# ---- the engine's AVX512-BF16 kernel ----------------------------------------------------------------
+
+_SOURCE = Path(__file__).parent / "csrc" / "bf16_linear.cpp"
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+_kernels: ModuleType | None = None
+_kernels_error: str | None = None
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def blocked_kernels_error() -> str | None:
+    """Why the AVX512-BF16 kernel is unavailable (None when it is available or not yet tried)."""
+    return _kernels_error
+
+
+def blocked_kernels(log: bool = False) -> ModuleType | None:
+    """The compiled kernel module, built on first use (about 30 s on 2 cores, then cached by torch in
+    $TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions); None where this CPU, compiler or torch
+    build cannot have it (the reason: blocked_kernels_error())."""
+    global _kernels, _kernels_error
+    if _kernels is not None or _kernels_error is not None:
+        return _kernels
+    if not _cpu_has_avx512_bf16():
+        _kernels_error = "this CPU has no avx512_bf16"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.verify_ninja_availability()
+        name = "mistral_pipeline_bf16_linear"
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        lock = build_dir / "lock"  # left by a build that was killed: torch would wait on it forever
+        if lock.exists() and time.time() - lock.stat().st_mtime > 600:
+            lock.unlink(missing_ok=True)
+        t0 = time.monotonic()
+        if log and not (build_dir / f"{name}.so").exists():
+            print(f"building the AVX512-BF16 linear kernel once (~30 s; cached in {build_dir})", file=sys.stderr)
+        _kernels = cpp_extension.load(name, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+        if log and time.monotonic() - t0 > 2:
+            print(f"AVX512-BF16 linear kernel built in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+    except Exception as e:  # no compiler, no ninja, no headers: oneDNN stays
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _kernels_error = f"could not build it ({type(e).__name__}: {first[:200]})"
+    return _kernels
+
+
+@torch.library.custom_op("mistral_pipeline::blocked_linear", mutates_args=())
+def blocked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] bf16 @ a weight laid out by block_weight -> [..., out] bf16 (an opaque op for
+    torch.compile, like packed_linear)."""
+    assert _kernels is not None
+    return _kernels.blocked_linear(x, weight)  # type: ignore[no-any-return]
+
+
+@blocked_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+class BlockedLinear(nn.Linear):
+    """A bias-free bf16 nn.Linear whose weight is in the AVX512-BF16 kernel's blocked layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return blocked_linear(x, self.weight)
+        assert _kernels is not None
+        return _kernels.blocked_linear(x, self.weight)  # type: ignore[no-any-return]
+
+
+def blockable(mod: nn.Module) -> bool:
+    return (
+        type(mod) is nn.Linear
+        and mod.bias is None
+        and mod.weight.dtype == torch.bfloat16
+        and mod.weight.device.type == "cpu"
+        and not mod.weight.is_mkldnn
+        and mod.out_features % 8 == 0
+        and mod.in_features % 32 == 0
+    )
+
+
+def block_linears(model: nn.Module) -> int:
+    """Re-lay every bf16 CPU nn.Linear the kernel takes (out a multiple of 8, in of 32, no bias) in
+    place; returns how many (0 where the kernel is unavailable: see blocked_kernels_error)."""
+    mods = [m for m in model.modules() if isinstance(m, nn.Linear) and blockable(m)]
+    if not mods:
+        return 0
+    kernels = blocked_kernels(log=True)
+    if kernels is None:
+        return 0
+    block_weight = kernels.block_weight
+    for mod in mods:
+        mod.weight = nn.Parameter(block_weight(mod.weight.detach()), requires_grad=False)
+        mod.__class__ = BlockedLinear
+    return len(mods)
+
+
+def linear_kernels(model: nn.Module) -> dict[str, int]:
+    """How many linears of model run on each CPU layout: {"blocked": n, "onednn": n} (zeros left out)."""
+    counts = {
+        "blocked": sum(isinstance(m, BlockedLinear) for m in model.modules()),
+        "onednn": sum(isinstance(m, PackedLinear) for m in model.modules()),
+    }
+    return {k: v for k, v in counts.items() if v}
+
+
+CPU_LINEAR_KINDS = ("auto", "blocked", "onednn")
+BLOCKED_MAX_ROWS = 2  # the blocked kernel is the faster one up to this many rows per step (measured)
+
+
+def prepare_cpu_linears(model: nn.Module, kind: str = "auto", step_rows: int | None = None) -> str:
+    """Lay out the bf16 CPU linears of model for the chosen kernel; returns what was done, one line.
+    kind "auto": the blocked kernel when a decode step has at most BLOCKED_MAX_ROWS rows per stage
+    (step_rows; unknown counts as many) and the kernel is available, else oneDNN's packed layout.
+    "blocked" falls back to oneDNN (saying why) where the kernel is unavailable. Linears the blocked
+    kernel does not take (shapes, bias) are packed by oneDNN either way."""
+    if kind not in CPU_LINEAR_KINDS:
+        raise ValueError(f"unknown CPU linear kernel {kind!r} (one of {', '.join(CPU_LINEAR_KINDS)})")
+    if not any(blockable(m) for m in model.modules()):
+        n = pack_linears(model)
+        return f"{n} bf16 linears on oneDNN's packed layout" if n else ""
+    why = ""
+    if kind == "blocked" or (kind == "auto" and step_rows is not None and step_rows <= BLOCKED_MAX_ROWS):
+        nb = block_linears(model)
+        if nb:
+            n = pack_linears(model)
+            rest = f"; {n} others on oneDNN's packed layout" if n else ""
+            return f"{nb} bf16 linears on the AVX512-BF16 kernel (blocked layout){rest}"
+        why = blocked_kernels_error() or "no linear fits it"
+    n = pack_linears(model)
+    reason = f" (not the AVX512-BF16 kernel: {why})" if why else ""
+    return f"{n} bf16 linears on oneDNN's packed layout{reason}" if n else ""

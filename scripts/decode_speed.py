@@ -7,7 +7,9 @@ that a change in the shared machine's load hits all of them alike; medians and r
 
 Variants (each one `python -m launch bench ... --json` job, batch 1, P = 1):
   separate   the checkpoint's separate wq/wk/wv, w1/w3 linears, eager (the engine before issue 12)
-  fused      fused wqkv / w13, eager (the default now)
+  fused      fused wqkv / w13, eager (the default now: at batch 1 the blocked bf16 kernel where available)
+  onednn, blocked
+             fused, with the bf16 linears on oneDNN's packed layout / the engine's AVX512-BF16 kernel
   compiled   fused, decode steps through torch.compile (--compile; compile time reported apart)
   int8, int4 fused, weights quantized at load (--quantize; issue 11)
   llama-bf16, llama-q8_0, llama-q4_0
@@ -42,6 +44,8 @@ REPO = Path(__file__).resolve().parent.parent
 FLAGS = {
     "separate": ["--separate_projections"],
     "fused": [],
+    "onednn": ["--cpu_linear", "onednn"],
+    "blocked": ["--cpu_linear", "blocked"],
     "compiled": ["--compile"],
     "int8": ["--quantize", "int8"],
     "int4": ["--quantize", "int4"],
@@ -135,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     hf_ms = [r["peers"]["transformers"]["decode_ms_per_token"] for r in runs[base]] if a.hf else []
     engine_ranks = [rk for rs in runs.values() for r in rs for rk in r.get("ranks", [])]
-    bws = [rk["bandwidth"]["read_gbs"] for rk in engine_ranks if "bandwidth" in rk]
+    bws = [max(rk["bandwidth"]["read_gbs"], rk["bandwidth"].get("read_simd_gbs", 0.0))
+           for rk in engine_ranks if "bandwidth" in rk]  # fmt: skip
     best_bw = max(bws, default=0.0)
     for v in variants:
         ratio = [b / x for b, x in zip(ms[base], ms[v], strict=True)]
@@ -151,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if best_bw and "ranks" in runs[v][0]:
             floor = 1000 * runs[v][0]["ranks"][0]["streamed_bytes"] / (best_bw * 1e9)
             other.append(f"{statistics.median(ms[v]) / floor:.2f}x floor, best {min(ms[v]) / floor:.2f}x")
+            # The bandwidth changes between jobs: each job's weight read rate against its own probe.
+            own = [r["ranks"][0]["streamed_bytes"] / (r["decode_ms_per_token"] / 1000) / 1e9
+                   / max(r["ranks"][0]["bandwidth"]["read_gbs"], r["ranks"][0]["bandwidth"].get("read_simd_gbs", 0))
+                   for r in runs[v] if "bandwidth" in r["ranks"][0]]  # fmt: skip
+            if own:
+                other.append(f"weights read at {spread([100 * o for o in own], '.0f')} % of the job's own probe")
         lines.append(f"| {v} | {spread(ms[v], '.3f')} | {1000 / statistics.median(ms[v]):.1f} | "
                      f"{spread(ratio)}x faster | {'; '.join(other)} |")  # fmt: skip
     if hf_ms:

@@ -219,4 +219,11 @@ def measure_bandwidth(nbytes: int, device: torch.device, iters: int = 5) -> dict
     copy_s = best(lambda: dst.copy_(src))
     read_s = best(lambda: src.sum())
     size = n * 4
-    return {"copy_gbs": 2 * size / copy_s / GB, "read_gbs": size / read_s / GB, "buffer_bytes": float(size)}
+    out = {"copy_gbs": 2 * size / copy_s / GB, "read_gbs": size / read_s / GB, "buffer_bytes": float(size)}
+    if device.type == "cpu" and n % 64 == 0:
+        from model.cpu_kernels import blocked_kernels
+
+        kernels = blocked_kernels()  # an AVX-512 sum reads faster than torch's: the better floor
+        if kernels is not None:
+            out["read_simd_gbs"] = size / best(lambda: kernels.read_probe(src)) / GB
+    return out

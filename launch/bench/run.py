@@ -34,6 +34,7 @@ from launch.bench.stage import build_pipeline
 from launch.runtime import Runtime
 from model.args import ConfigError
 from model.checkpoint import DTYPES
+from model.cpu_kernels import linear_kernels
 from model.quant import weight_bytes
 from model.sampling import SamplingParams
 
@@ -151,6 +152,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         "requests": recorder.requests,
         "load_s": load_s,
         "compile_s": model.compile_seconds,  # one-time torch.compile cost (--compile), in the warm-ups
+        "cpu_linears": linear_kernels(model),  # bf16 CPU linears per kernel (--cpu_linear)
         "base_rss_bytes": base_rss,
         "loaded_rss_bytes": loaded_rss,
         "peak_rss_bytes": rss_high,

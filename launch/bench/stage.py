@@ -15,7 +15,7 @@ from launch.runtime import Runtime, log
 from model.args import ConfigError, ModelArgs
 from model.attention import get_backend
 from model.checkpoint import parse_dtype
-from model.cpu_kernels import pack_linears, unpack_linears
+from model.cpu_kernels import prepare_cpu_linears, unpack_linears
 from model.layers import fuse_projections, unfuse_projections
 from model.transformer import Transformer
 
@@ -45,12 +45,12 @@ def build_pipeline(rt: Runtime, opts: BenchOptions) -> tuple[Pipeline, str]:
         assert opts.model_dir is not None
         from model.formats import open_source
 
-        pipeline = rt.load(open_source(opts.model_dir))
+        pipeline = rt.load(open_source(opts.model_dir), opts.batch_size)
         if opts.separate_projections:
             model = pipeline.stage.model
             unpack_linears(model)
             unfuse_projections(model)
-            pack_linears(model)
+            prepare_cpu_linears(model, opts.cpu_linear, rt.step_rows(opts.batch_size))
         return pipeline, str(opts.model_dir)
     path = Path(opts.config)
     if not path.is_file():
@@ -67,7 +67,10 @@ def build_pipeline(rt: Runtime, opts: BenchOptions) -> tuple[Pipeline, str]:
     model.attention = get_backend(opts.attention, rt.device)
     if not opts.separate_projections:
         fuse_projections(model)  # as Runtime.load does: fused q|k|v and w1|w3, then
-    pack_linears(model)  # CPU bf16 linears on oneDNN's packed layout
+    # CPU bf16 linears as Runtime.load lays them out (the blocked AVX512-BF16 kernel or oneDNN's packing)
+    done = prepare_cpu_linears(model, opts.cpu_linear, rt.step_rows(opts.batch_size))
+    if done and rt.rank == 0:
+        log(f"bench: {done}")
     if opts.compile:
         model.compile_decode()
     from distributed.p2p import Links

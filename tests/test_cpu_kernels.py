@@ -1,0 +1,173 @@
+"""The engine's AVX512-BF16 linear kernel (model/csrc/bf16_linear.cpp, --cpu_linear blocked) against
+float64 matrix products and against oneDNN's bf16 kernel, alone and inside the model and the engine.
+Skipped, with the reason, where the kernel cannot be built (no avx512_bf16, no compiler or ninja)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from common import CONFIGS, prompts, random_state, write_model
+from launchers import REPO, base_env, torchrun
+
+from distributed.pipeline import GenerationParams, Pipeline
+from model.args import ModelArgs
+from model.cpu_kernels import (
+    BlockedLinear,
+    PackedLinear,
+    blocked_kernels,
+    blocked_kernels_error,
+    prepare_cpu_linears,
+    unpack_linears,
+)
+from model.layers import fuse_projections
+from model.transformer import Transformer
+
+
+@pytest.fixture(scope="module")
+def kernels():  # noqa: ANN201 - the compiled extension module
+    k = blocked_kernels(log=True)
+    if k is None:
+        pytest.skip(f"the AVX512-BF16 kernel is unavailable here: {blocked_kernels_error()}")
+    return k
+
+
+def ulp_bound(ref: torch.Tensor, k: int) -> torch.Tensor:
+    """What a correct bf16 result may differ from the exact one by: half a bf16 ulp of the result
+    (the final rounding) plus fp32 accumulation over k terms."""
+    return ref.abs() * 2.0**-8 + 1e-6 * k
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("n", "k"), [(8, 32), (64, 96), (200, 544), (1024, 4096)])
+def test_kernel_matches_float64_and_is_batch_invariant(kernels, n: int, k: int) -> None:  # noqa: ANN001
+    g = torch.Generator().manual_seed(n + k)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(torch.bfloat16)
+    wb = kernels.block_weight(w)
+    assert wb.shape == w.shape and torch.equal(kernels.unblock_weight(wb), w)
+    x = torch.randn(9, k, generator=g).to(torch.bfloat16)
+    y = kernels.blocked_linear(x, wb)
+    assert y.dtype == torch.bfloat16 and y.shape == (9, n)
+    exact = x.double() @ w.double().T  # the independent reference
+    assert ((y.double() - exact).abs() <= ulp_bound(exact, k)).all()
+    onednn = torch.nn.functional.linear(x, w).double()  # no less accurate than torch's own bf16 product
+    assert (y.double() - exact).abs().max() <= (onednn - exact).abs().max() * 1.05 + 1e-6 * k
+    # Every row gives the same bits whatever it is batched with (1, 2, 3, ... rows per call).
+    for m in range(1, 9):
+        assert torch.equal(kernels.blocked_linear(x[:m], wb), y[:m])
+    assert torch.equal(torch.cat([kernels.blocked_linear(x[i : i + 1], wb) for i in range(9)]), y)
+    # [..., in] inputs and an empty batch keep their leading shape.
+    assert torch.equal(kernels.blocked_linear(x.view(3, 3, k), wb), y.view(3, 3, n))
+    assert kernels.blocked_linear(x[:0], wb).shape == (0, n)
+
+
+@pytest.mark.timeout(60)
+def test_kernel_rejects_what_it_cannot_take(kernels) -> None:  # noqa: ANN001
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        kernels.block_weight(torch.zeros(12, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernels.block_weight(torch.zeros(8, 64))
+    wb = kernels.block_weight(torch.zeros(8, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="in features"):
+        kernels.blocked_linear(torch.zeros(1, 32, dtype=torch.bfloat16), wb)
+
+
+def build(name: str, dtype: torch.dtype) -> Transformer:
+    model = Transformer(ModelArgs.from_dict(CONFIGS[name]))
+    model.load_state_dict(random_state(CONFIGS[name]))
+    return model.to(dtype).eval()
+
+
+def all_logits(model: Transformer, tokens: list[int], chunk: int) -> torch.Tensor:
+    cache = model.make_cache(1, 64)
+    outs = []
+    with torch.inference_mode():
+        for s in range(0, len(tokens), chunk):
+            ids = torch.tensor([tokens[s : s + chunk]])
+            outs.append(model(ids, torch.arange(s, s + ids.shape[1])[None], cache)[0].float())
+    return torch.cat(outs)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_blocked_model_is_as_close_to_fp32_as_onednn_and_unpacks_exactly(kernels, name: str) -> None:  # noqa: ANN001
+    ref, onednn, blocked = build(name, torch.float32), build(name, torch.bfloat16), build(name, torch.bfloat16)
+    original = {k: v.clone() for k, v in blocked.state_dict().items()}
+    for m in (onednn, blocked):
+        fuse_projections(m)
+    prepare_cpu_linears(onednn, "onednn")
+    done = prepare_cpu_linears(blocked, "blocked")
+    assert "AVX512-BF16" in done, done
+    types = {type(m) for m in blocked.modules() if isinstance(m, torch.nn.Linear)}
+    assert BlockedLinear in types  # moe: the 4-expert router (out 4) stays on oneDNN
+    assert types <= {BlockedLinear, PackedLinear}
+    toks = prompts(lengths=(33,))[0]
+    want = all_logits(ref, toks, 33)
+    err_blocked = (all_logits(blocked, toks, 5) - want).abs().max()
+    err_onednn = (all_logits(onednn, toks, 5) - want).abs().max()
+    assert err_blocked <= 1.5 * err_onednn, (err_blocked, err_onednn)
+    assert unpack_linears(blocked) > 0
+    from model.layers import unfuse_projections
+
+    unfuse_projections(blocked)
+    after = blocked.state_dict()
+    assert set(after) == set(original) and all(torch.equal(after[k], original[k]) for k in original)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_decode_with_blocked_linears_gives_the_eager_tokens(kernels) -> None:  # noqa: ANN001
+    # dynamo keeps recompiling one code object (Transformer._step) for a few shapes only, then runs it
+    # eagerly: start and leave this process's compile caches empty, as other tests expect them
+    torch._dynamo.reset()
+    try:
+        compiled_matches_eager()
+    finally:
+        torch._dynamo.reset()
+
+
+def compiled_matches_eager() -> None:
+    eager, compiled = build("dense", torch.bfloat16), build("dense", torch.bfloat16)
+    for m in (eager, compiled):
+        fuse_projections(m)
+        prepare_cpu_linears(m, "blocked")
+    compiled.compile_decode()
+    ps = prompts(lengths=(5, 19))
+    params = GenerationParams(max_tokens=12, eos_ids=(), num_microbatches=1)
+    want = Pipeline(eager, 0, 1, torch.device("cpu"), None).generate(ps, params)
+    got = Pipeline(compiled, 0, 1, torch.device("cpu"), None).generate(ps, params)
+    assert got == want and compiled.compile_seconds > 0
+
+
+@pytest.mark.timeout(420)
+def test_engine_picks_the_kernel_and_two_stages_give_one_stage_tokens(kernels, tmp_path: Path) -> None:  # noqa: ANN001
+    """Through the command line: auto takes the blocked kernel at batch 1 and oneDNN at batch 16;
+    bf16 greedy tokens with the blocked kernel are the same for P = 1 and P = 2."""
+    model_dir = write_model(tmp_path / "m", CONFIGS["dense"], dtype=torch.bfloat16)
+    bench = [sys.executable, "-m", "launch", "bench", str(model_dir), "--prompt_len", "8", "--new_tokens", "4",
+             "--repeat", "1", "--warmup", "0", "--json", "--quiet"]  # fmt: skip
+    seen = {}
+    for extra in (["--batch_size", "1"], ["--batch_size", "16"], ["--batch_size", "1", "--cpu_linear", "onednn"]):
+        r = subprocess.run([*bench, *extra], cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr
+        out = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("{")))
+        seen[" ".join(extra)] = out["ranks"][0]["cpu_linears"]
+    assert set(seen["--batch_size 1"]) == {"blocked"}, seen
+    assert set(seen["--batch_size 16"]) == {"onednn"}, seen
+    assert set(seen["--batch_size 1 --cpu_linear onednn"]) == {"onednn"}, seen
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"tokens": p}) + "\n" for p in prompts(lengths=(5, 19))))
+    common = ["-m", "launch", "generate", str(model_dir), "--input", str(inp), "--max_tokens", "12",
+              "--cpu_linear", "blocked"]  # fmt: skip
+    one = subprocess.run([sys.executable, *common, "--output", str(tmp_path / "p1.jsonl")], cwd=REPO,
+                         env=base_env(), capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    assert "AVX512-BF16 kernel" in one.stderr, one.stderr
+    job = torchrun(2, [*common, "--output", str(tmp_path / "p2.jsonl"), "--num_pipeline_ranks", "2"])
+    _, err = job.communicate(timeout=360)
+    assert job.returncode == 0, err
+    assert (tmp_path / "p2.jsonl").read_text() == (tmp_path / "p1.jsonl").read_text()
