@@ -162,7 +162,7 @@ class Runtime:
         model.attention = get_backend(self.opts.attention, self.device)
         fuse_projections(model)  # wq|wk|wv and w1|w3 as one linear each (after the LoRA merge)
         fuse_quantized(model)  # the same for linears quantized at load, then their kernels' layout
-        prepare_quantized(model)
+        prepare_quantized(model, own_kernels=self.opts.cpu_linear != "onednn")
         # CPU bf16 only (a no-op elsewhere): the blocked AVX512-BF16 kernel or oneDNN's packed layout
         done = prepare_cpu_linears(model, self.opts.cpu_linear, self.step_rows(batch))
         if done and progress is not None:

@@ -5,7 +5,7 @@
   memory bandwidth; the same GEMM on a weight packed once by oneDNN (what inductor's freezing pass
   does) gives bit-identical results 1.2-3x faster in decode, and it is the faster kernel from 3
   rows a step up (batched decode, prefill).
-- The engine's own AVX512-BF16 kernel (`block_linears`, model/csrc/bf16_linear.cpp, built at run
+- The engine's own AVX512-BF16 kernel (`block_linears`, model/csrc/cpu_linear.cpp, built at run
   time with torch's cpp_extension): weights in blocks of 8 rows read as one sequential stream,
   1.3-1.45x oneDNN's packed kernel at 1-2 rows a step (decode at batch 1-2), slower from 3 rows
   (docs/benchmarks.md). Needs a CPU with avx512_bf16, a C++ compiler and ninja; without them the
@@ -91,7 +91,7 @@ def unpack_linears(model: nn.Module) -> int:
 
 # ---- the engine's AVX512-BF16 kernel ----------------------------------------------------------------
 
-_SOURCE = Path(__file__).parent / "csrc" / "bf16_linear.cpp"
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_linear.cpp"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
 _kernels: ModuleType | None = None
 _kernels_error: str | None = None
@@ -124,7 +124,7 @@ def blocked_kernels(log: bool = False) -> ModuleType | None:
         from torch.utils import cpp_extension
 
         cpp_extension.verify_ninja_availability()
-        name = "mistral_pipeline_bf16_linear"
+        name = "mistral_pipeline_cpu_linear"
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         lock = build_dir / "lock"  # left by a build that was killed: torch would wait on it forever
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:
@@ -152,6 +152,19 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @blocked_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("mistral_pipeline::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ (int8 weight laid out by block_weight * scales[:, None])^T -> [..., out] float32
+    (model.quant.QuantLinear's CPU int8 kernel; an opaque op for torch.compile)."""
+    assert _kernels is not None
+    return _kernels.int8_linear(x, qweight, scales)  # type: ignore[no-any-return]
+
+
+@int8_linear.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
 
 
 class BlockedLinear(nn.Linear):
@@ -193,11 +206,16 @@ def block_linears(model: nn.Module) -> int:
 
 
 def linear_kernels(model: nn.Module) -> dict[str, int]:
-    """How many linears of model run on each CPU layout: {"blocked": n, "onednn": n} (zeros left out)."""
+    """How many linears of model run on each kernel: {"blocked": n, "onednn": n, "int8blk": n, ...}
+    (zeros left out)."""
     counts = {
         "blocked": sum(isinstance(m, BlockedLinear) for m in model.modules()),
         "onednn": sum(isinstance(m, PackedLinear) for m in model.modules()),
     }
+    for m in model.modules():  # quantized linears name their kernel (model.quant.QuantLinear.kernel)
+        kernel = getattr(m, "kernel", None)
+        if isinstance(kernel, str):
+            counts[kernel] = counts.get(kernel, 0) + 1
     return {k: v for k, v in counts.items() if v}
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ConfigError
+from model.cpu_kernels import blocked_kernels, int8_linear
 
 MODES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
@@ -203,6 +204,13 @@ def gguf_int4(source: Any, name: str, spec: QuantSpec) -> dict[str, torch.Tensor
 # -- the module --------------------------------------------------------------------------------------
 
 
+def _int8(x2: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
+    """The engine's int8 kernel, called directly (eager; compiled steps go through the int8_linear op)."""
+    kernels = blocked_kernels()
+    assert kernels is not None
+    return kernels.int8_linear(x2, mod.qweight, mod.scales)  # type: ignore[no-any-return]
+
+
 class QuantLinear(nn.Module):
     """y = x W^T with W held as int8 or int4 (canonical buffers until prepare())."""
 
@@ -221,7 +229,7 @@ class QuantLinear(nn.Module):
         self.qweight: torch.Tensor
         self.scales: torch.Tensor
         self.mins: torch.Tensor
-        self.kernel = "generic"  # "int8cpu" / "int4cpu" after prepare() on CPU
+        self.kernel = "generic"  # "int8blk" (the engine's kernel) / "int8cpu" / "int4cpu" after prepare() on CPU
         self._sz: torch.Tensor | None = None  # int4 CPU: [K/g, N, 2] bf16 (scale, zero)
         self._scales_bf16: torch.Tensor | None = None
 
@@ -234,15 +242,28 @@ class QuantLinear(nn.Module):
 
     def canonical(self) -> dict[str, torch.Tensor]:
         assert self.kernel == "generic" or self.spec.mode == "int8", "int4 weights were re-laid out for the kernel"
+        if self.kernel == "int8blk":
+            return {"qweight": self._int8_rows(0, self.out_features), "scales": self.scales}
         return {s: getattr(self, s) for s in suffixes(self.spec.mode)}
+
+    def _int8_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo:hi of the int8 weight in [N, K] order (int8blk: whole blocks of 8 rows unblock alone)."""
+        if self.kernel != "int8blk":
+            return self.qweight[lo:hi]
+        kernels = blocked_kernels()
+        assert kernels is not None and lo % 8 == 0 and (hi % 8 == 0 or hi == self.out_features)
+        return kernels.unblock_weight(self.qweight[lo:hi])  # type: ignore[no-any-return]
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers()) + (
             self._sz.numel() * self._sz.element_size() if self._sz is not None else 0
         )
 
-    def prepare(self) -> None:
-        """Re-lay the weights for this device's kernel (once, after loading and fusing)."""
+    def prepare(self, own_kernels: bool = True) -> None:
+        """Re-lay the weights for this device's kernel (once, after loading and fusing). own_kernels:
+        int8 on CPU through the engine's kernel (model/csrc/cpu_linear.cpp) where it can be built,
+        else PyTorch's packed kernel. The engine's int8 layout is made in place: a qweight given to
+        from_tensors must not be shared with anything that still needs it in [out, in] order."""
         if self.kernel != "generic":
             return
         if self.qweight.device.type == "cuda":
@@ -250,7 +271,20 @@ class QuantLinear(nn.Module):
             return
         if self.qweight.device.type != "cpu":
             return
-        if self.spec.mode == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        n, k = self.out_features, self.in_features
+        if self.spec.mode == "int8" and own_kernels and n % 8 == 0 and k % 32 == 0 and blocked_kernels(log=True):
+            kernels = blocked_kernels()
+            assert kernels is not None
+            q = self.qweight
+            # In place where this module owns the whole allocation (no second copy: freed copies stay
+            # in the heap); a tensor from a file or a view of a larger one is copied first.
+            owned = q.untyped_storage().resizable() and q.untyped_storage().nbytes() == q.numel()
+            q = q if owned and q.is_contiguous() else q.contiguous().clone()
+            kernels.block_weight_(q)
+            self.qweight = q
+            self.scales = self.scales.float().contiguous()
+            self.kernel = "int8blk"
+        elif self.spec.mode == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             self._scales_bf16 = self.scales.to(torch.bfloat16)
             self.kernel = "int8cpu"
         elif (
@@ -304,6 +338,8 @@ class QuantLinear(nn.Module):
 
     def _weight(self, dtype: torch.dtype, lo: int, hi: int) -> torch.Tensor:
         """Output rows lo:hi of the weight, dequantized to dtype [hi - lo, K]."""
+        if self.kernel == "int8blk":
+            return dequantize({"qweight": self._int8_rows(lo, hi), "scales": self.scales[lo:hi]}, "int8", dtype)
         if self.kernel != "int4cpu":
             return dequantize({s: t[lo:hi] for s, t in self.canonical().items()}, self.spec.mode, dtype)
         # Undo the CPU kernel's layout (blocks of 64 output rows, [K, 32] bytes each; row j of a block
@@ -329,7 +365,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [rows, K]
         rows = x2.shape[0]
         few = rows <= KERNEL_MAX_ROWS
-        if self.kernel == "int8cpu" and few:
+        if self.kernel == "int8blk" and few:
+            y = int8_linear(x2, self.qweight, self.scales) if torch.compiler.is_compiling() else _int8(x2, self)
+        elif self.kernel == "int8cpu" and few:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16)
         elif self.kernel == "int4cpu" and (few or self.out_features % _INT4_BLOCK_ROWS):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -397,11 +435,11 @@ def fuse_quantized(model: nn.Module) -> int:
     return n
 
 
-def prepare(model: nn.Module) -> int:
+def prepare(model: nn.Module, own_kernels: bool = True) -> int:
     """QuantLinear.prepare on every quantized linear; returns how many there are."""
     mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for m in mods:
-        m.prepare()
+        m.prepare(own_kernels)
     return len(mods)
 
 

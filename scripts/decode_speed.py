@@ -11,7 +11,8 @@ Variants (each one `python -m launch bench ... --json` job, batch 1, P = 1):
   onednn, blocked
              fused, with the bf16 linears on oneDNN's packed layout / the engine's AVX512-BF16 kernel
   compiled   fused, decode steps through torch.compile (--compile; compile time reported apart)
-  int8, int4 fused, weights quantized at load (--quantize; issue 11)
+  int8, int4 fused, weights quantized at load (--quantize; issue 11); int8: the engine's kernel
+  int8-torch int8 through PyTorch's packed kernel (--cpu_linear onednn), the engine before it had its own
   llama-bf16, llama-q8_0, llama-q4_0
              llama.cpp's llama-bench on `<--gguf_prefix>-<type>.gguf` (scripts/llamacpp_peer.py makes
              and benches them; a job that cannot run is reported as skipped with its reason)
@@ -48,6 +49,7 @@ FLAGS = {
     "blocked": ["--cpu_linear", "blocked"],
     "compiled": ["--compile"],
     "int8": ["--quantize", "int8"],
+    "int8-torch": ["--quantize", "int8", "--cpu_linear", "onednn"],
     "int4": ["--quantize", "int4"],
 }
 

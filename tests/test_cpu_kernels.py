@@ -1,4 +1,4 @@
-"""The engine's AVX512-BF16 linear kernel (model/csrc/bf16_linear.cpp, --cpu_linear blocked) against
+"""The engine's AVX512-BF16 linear kernel (model/csrc/cpu_linear.cpp, --cpu_linear blocked) against
 float64 matrix products and against oneDNN's bf16 kernel, alone and inside the model and the engine.
 Skipped, with the reason, where the kernel cannot be built (no avx512_bf16, no compiler or ninja)."""
 
@@ -69,8 +69,10 @@ def test_kernel_matches_float64_and_is_batch_invariant(kernels, n: int, k: int) 
 def test_kernel_rejects_what_it_cannot_take(kernels) -> None:  # noqa: ANN001
     with pytest.raises(RuntimeError, match="multiple of 8"):
         kernels.block_weight(torch.zeros(12, 64, dtype=torch.bfloat16))
-    with pytest.raises(RuntimeError, match="bf16"):
-        kernels.block_weight(torch.zeros(8, 64))
+    with pytest.raises(RuntimeError, match="bf16 weight"):
+        kernels.blocked_linear(torch.zeros(1, 64, dtype=torch.bfloat16), kernels.block_weight(torch.zeros(8, 64)))
+    with pytest.raises(RuntimeError, match="int8 weight"):
+        kernels.int8_linear(torch.zeros(1, 64), torch.zeros(8, 64), torch.ones(8))
     wb = kernels.block_weight(torch.zeros(8, 64, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="in features"):
         kernels.blocked_linear(torch.zeros(1, 32, dtype=torch.bfloat16), wb)
@@ -171,3 +173,38 @@ def test_engine_picks_the_kernel_and_two_stages_give_one_stage_tokens(kernels, t
     _, err = job.communicate(timeout=360)
     assert job.returncode == 0, err
     assert (tmp_path / "p2.jsonl").read_text() == (tmp_path / "p1.jsonl").read_text()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("n", "k"), [(8, 32), (200, 544), (1024, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_matches_float64_and_is_batch_invariant(kernels, n: int, k: int, dtype: torch.dtype) -> None:  # noqa: ANN001
+    from model.quant import QuantLinear, QuantSpec, quantize
+
+    spec = QuantSpec("int8")
+    g = torch.Generator().manual_seed(n + k)
+    canonical = quantize(torch.randn(n, k, generator=g) / k**0.5, spec)
+    mod = QuantLinear.from_tensors({n: t.clone() for n, t in canonical.items()}, spec, k)  # prepare re-lays in place
+    mod.prepare()
+    assert mod.kernel == "int8blk"
+    assert all(torch.equal(a, b) for a, b in zip(mod.canonical().values(), canonical.values(), strict=True))
+    x = torch.randn(7, k, generator=g).to(dtype)
+    y = mod(x)
+    assert y.dtype == dtype and y.shape == (7, n)
+    w = canonical["qweight"].double() * canonical["scales"].double()[:, None]
+    exact = x.double() @ w.T  # the independent reference
+    # fp32 products and sums (float32 output: fp32 accumulation only; bf16 output: its final rounding)
+    bound = exact.abs() * (2.0**-8 if dtype == torch.bfloat16 else 0) + 1e-6 * k
+    assert ((y.double() - exact).abs() <= bound).all()
+    raw = kernels.int8_linear(x, mod.qweight, mod.scales)
+    for m in range(1, 8):
+        assert torch.equal(kernels.int8_linear(x[:m], mod.qweight, mod.scales), raw[:m])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_block_in_place_equals_block(kernels, dtype: torch.dtype) -> None:  # noqa: ANN001
+    w = torch.randint(-100, 100, (40, 96), generator=torch.Generator().manual_seed(0)).to(dtype)
+    want = kernels.block_weight(w)
+    kernels.block_weight_(w)
+    assert torch.equal(w, want) and not torch.equal(w, kernels.unblock_weight(w))

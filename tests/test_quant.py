@@ -60,16 +60,20 @@ def test_error_bounds(spec: QuantSpec) -> None:
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.describe())
 @pytest.mark.parametrize("rows", [1, 3, KERNEL_MAX_ROWS + 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernels_match_dequantized(spec: QuantSpec, rows: int, dtype: torch.dtype) -> None:
-    """The packed CPU kernels (few rows) and the unpacked int4 layout (many rows) compute what the
-    dequantized weight does, within bf16 activation rounding."""
+@pytest.mark.parametrize("own", [True, False], ids=["own-kernels", "torch-kernels"])
+def test_cpu_kernels_match_dequantized(spec: QuantSpec, rows: int, dtype: torch.dtype, own: bool) -> None:
+    """The packed CPU kernels (few rows; int8: the engine's own where it builds, or PyTorch's) and the
+    unpacked layouts (many rows) compute what the dequantized weight does, within bf16 activation
+    rounding."""
     w = heavy_tailed(128, 256, seed=1)
     mod = QuantLinear.from_tensors(quantize(w, spec), spec, 256)
     x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
     ref = x.float() @ dequantize(mod.canonical(), spec.mode).T
     generic = mod(x)
-    mod.prepare()
-    assert mod.kernel in ("int8cpu", "int4cpu")
+    mod.prepare(own_kernels=own)
+    assert mod.kernel in (("int8blk", "int8cpu") if own else ("int8cpu",)) + ("int4cpu",)
+    if spec.mode == "int8":  # the canonical tensors come back from any layout (int4 keeps none)
+        assert all(torch.equal(a, b) for a, b in zip(mod.canonical().values(), quantize(w, spec).values(), strict=True))
     fast = mod(x)
     assert fast.dtype == dtype and fast.shape == (2, rows, 128)
     scale = ref.abs().max()
