@@ -26,6 +26,47 @@ from distributed.pipeline import DEFAULT_CHUNK_NO_WINDOW, Admission, GenerationP
 from model.cache import cache_capacity
 from model.sampling import SamplingParams
 
+
+class StepCost:
+    """What a unit costs the first stage, learnt as the server runs: seconds ~ fixed + per_token * n
+    for a unit of n padded tokens (rows x longest row), a least-squares line over the units seen,
+    older ones forgotten by `decay` per unit. Merging a step's decode rows into its prefill unit
+    saves one fixed cost (a pass over the weights, the per-step dispatch) and pays per_token for
+    every padded decode position: worth it on a small or overhead-bound model, not on one whose
+    steps are compute-bound (mistral-mini in fp32: 16 rows x 16 tokens cost ~6x 16 + 16 alone)."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def record(self, n: int, seconds: float) -> None:
+        d = self.decay
+        self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + n, d * self.sy + seconds
+        self.sxx, self.sxy = d * self.sxx + n * n, d * self.sxy + n * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per token), or None until units of clearly different sizes were seen."""
+        spread = self.w * self.sxx - self.sx * self.sx  # w^2 x the variance of n
+        if self.w < 3 or spread <= 0.01 * self.sxx * self.w:
+            return None
+        per_token = (self.w * self.sxy - self.sx * self.sy) / spread
+        return max(0.0, (self.sy - per_token * self.sx) / self.w), max(0.0, per_token)
+
+    def merge_pays(self, merged: int, apart: list[int]) -> bool:
+        """One unit of `merged` padded tokens against len(apart) units of those sizes."""
+        fit = self.fit()
+        if fit is None:
+            return True  # nothing learnt yet: merge (it was always done before this rule)
+        fixed, per_token = fit
+        return fixed + per_token * merged <= len(apart) * fixed + per_token * sum(apart)
+
+
+def padded_tokens(work: list[tuple[Sequence, list[int], int]]) -> int:
+    """Tokens a unit of this work computes: rows from the first slot to the last x the longest row."""
+    slots = [s.slot for s, _, _ in work]
+    return (max(slots) - min(slots) + 1) * max(len(ids) for _, ids, _ in work)
+
+
 # A merged step's chunks are cut to budget / rows, but not below this many tokens.
 MIN_MERGED_CHUNK = 16
 
@@ -66,6 +107,7 @@ class Scheduler:
         static: bool = False,
         merge: bool = False,
         decode_lanes: int | None = None,
+        learn_merge: bool = True,
     ) -> None:
         self.pipeline, self.capacity, self.chunk = pipeline, capacity, chunk
         # static: admit only into an empty engine (one static batch at a time: a benchmark baseline)
@@ -73,6 +115,7 @@ class Scheduler:
         # merge: decode rows ride in the step's prefill unit (one pass; a decode row's sums then run
         # over a padded key set, so its last bits may differ from a decode-only step)
         self.merge = merge
+        self.learn_merge = learn_merge  # merge only where StepCost says it pays (else always)
         self.token_budget = token_budget or math.inf
         # decode_lanes: once nothing waits and every sequence decodes, re-cut the slots into this
         # many lanes (a static batch: prefill pipelined over `lanes`, decode in `decode_lanes`).
@@ -85,6 +128,8 @@ class Scheduler:
         self.expected: deque[tuple[int, list[Sequence]]] = deque()  # (lane, sequences sampled)
         self.in_flight = [0] * len(self.lanes)  # sampling units of each lane not answered yet
         self.busy_seconds = [0.0] * pipeline.n_stages
+        self.cost = StepCost()  # the first stage's time per unit, for the merge choice
+        self.merged_steps = self.split_steps = 0  # steps with decode and prefill work, merged or not
         pipeline.setup(slots, capacity)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -114,7 +159,9 @@ class Scheduler:
         for lane in range(len(self.lanes)):
             if self.in_flight[lane] == 0:
                 for unit, sampled in self._lane_step(lane):
+                    t0 = self.pipeline.stage.busy  # rank 0 runs the first stage inside dispatch
                     self.pipeline.dispatch(unit)
+                    self.cost.record(unit.tokens.numel(), self.pipeline.stage.busy - t0)
                     if unit.sample:
                         self.expected.append((lane, sampled))
                         self.in_flight[lane] += 1
@@ -220,9 +267,14 @@ class Scheduler:
         finishing = [s for s, _, _ in chunks if s.decoding]
         if self.merge and work and chunks:
             # One pass for the whole step (decode rows padded to the chunk length): every weight is
-            # read once per step instead of twice.
+            # read once per step instead of twice, where the padding costs less than that pass.
             both = sorted(work + chunks, key=lambda c: c[0].slot)
-            return [(self._unit(both, sample=True), sorted(decoders + finishing, key=lambda s: s.slot))]
+            if not self.learn_merge or self.cost.merge_pays(
+                padded_tokens(both), [padded_tokens(work), padded_tokens(chunks)]
+            ):
+                self.merged_steps += 1
+                return [(self._unit(both, sample=True), sorted(decoders + finishing, key=lambda s: s.slot))]
+            self.split_steps += 1
         if work:
             units.append((self._unit(work, sample=True), decoders))
         if chunks:

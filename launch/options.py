@@ -112,4 +112,6 @@ class ServeOptions(RunOptions):
     max_context: int = 2048  # tokens per slot for models without a sliding window (prompt + output)
     model_name: str | None = None  # the name /v1/models reports and requests must use; unset: the file's
     static_batching: bool = False  # benchmark baseline: admit only when no sequence runs (one batch at a time)
-    merge_steps: bool = True  # decode rows ride in the prefill unit of a step: one pass, weights read once
+    # decode rows ride in the prefill unit of a step (one pass, weights read once, decode rows padded to
+    # the chunk): auto = where the padding costs less than the pass it saves, learnt from the step times
+    merge_steps: str = field(default="auto", choices=["auto", "always", "never"])

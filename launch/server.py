@@ -372,7 +372,7 @@ class Serve(Command):
         chunk = o.chunk_size or args.sliding_window or DEFAULT_CHUNK_NO_WINDOW
         lanes = o.num_microbatches or self.rt.n_stages
         sched = Scheduler(pipeline, o.max_batch, lanes, s.capacity, chunk, o.token_budget, o.static_batching,
-                          o.merge_steps)
+                          o.merge_steps != "never", learn_merge=o.merge_steps == "auto")
         engine = Engine(sched, keepalive_s=max(0.5, o.dist_timeout / 4))
         def on_step(_: Scheduler) -> None:
             s.outbox.flush()
