@@ -130,6 +130,7 @@ class Scheduler:
         self.busy_seconds = [0.0] * pipeline.n_stages
         self.cost = StepCost()  # the first stage's time per unit, for the merge choice
         self.merged_steps = self.split_steps = 0  # steps with decode and prefill work, merged or not
+        self.cut_units = 0  # prefill units cut at gaps of empty rows (_runs)
         pipeline.setup(slots, capacity)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -279,8 +280,28 @@ class Scheduler:
             units.append((self._unit(work, sample=True), decoders))
         if chunks:
             chunks.sort(key=lambda c: c[0].slot)
-            units.append((self._unit(chunks, sample=bool(finishing)), finishing))
+            for group in self._runs(chunks):
+                ending = [s for s, _, _ in group if s.decoding]
+                units.append((self._unit(group, sample=bool(ending)), ending))
         return units
+
+    def _runs(self, work: list[tuple[Sequence, list[int], int]]) -> list[list[tuple[Sequence, list[int], int]]]:
+        """work (sorted by slot) cut into units at gaps of empty rows whose padding would cost the first
+        stage more than a unit's fixed cost (StepCost); one unit while nothing is learnt."""
+        fit = self.cost.fit() if self.merge and self.learn_merge else None
+        if fit is None or len(work) < 2:
+            return [work]
+        fixed, per_token = fit
+        width = max(len(ids) for _, ids, _ in work)
+        groups = [[work[0]]]
+        for prev, cur in zip(work, work[1:], strict=False):
+            gap = cur[0].slot - prev[0].slot - 1
+            if per_token * gap * width > fixed:
+                groups.append([cur])
+            else:
+                groups[-1].append(cur)
+        self.cut_units += len(groups) - 1
+        return groups
 
     @staticmethod
     def _unit(work: list[tuple[Sequence, list[int], int]], sample: bool) -> Unit:

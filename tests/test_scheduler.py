@@ -33,17 +33,19 @@ def test_step_cost_learns_the_line_and_decides() -> None:
     assert not heavy.merge_pays(256, [16, 16]) and heavy.merge_pays(17, [16, 1])
 
 
-def run(model: Transformer, ps: list[list[int]], cost: StepCost | None) -> tuple[list[list[int]], Scheduler]:
-    """Staggered arrivals (one new prompt every 3 steps) through a merging scheduler, greedy."""
+def run(model: Transformer, ps: list[list[int]], cost: StepCost, slots: list[int]) -> tuple[list[list[int]], Scheduler]:
+    """Arrivals two at a time (prompt i into slots[i], every 3 steps) through a merging scheduler of
+    12 slots, greedy; `cost` is what the scheduler believes a unit costs (frozen)."""
     pipe = Pipeline(model, 0, 1, torch.device("cpu"), None)
-    sched = Scheduler(pipe, len(ps), 1, 64, 8, token_budget=256, merge=True)
-    if cost is not None:
-        sched.cost = cost
+    sched = Scheduler(pipe, 12, 1, 64, 8, token_budget=256, merge=True)
+    cost.record = lambda n, s: None  # type: ignore[method-assign]
+    sched.cost = cost
     seqs = [Sequence(p, 10) for p in ps]
     step = 0
     while step < 3 * len(seqs) or sched.active:
-        if step % 3 == 0 and step // 3 < len(seqs):
-            sched.submit(seqs[step // 3])
+        if step % 3 == 0:
+            for i in range(step // 3 * 2, min(len(seqs), step // 3 * 2 + 2)):
+                sched.submit(seqs[i], slot=slots[i])
         if sched.active:
             sched.step()
         step += 1
@@ -52,20 +54,22 @@ def run(model: Transformer, ps: list[list[int]], cost: StepCost | None) -> tuple
 
 
 @pytest.mark.timeout(120)
-def test_merged_or_split_steps_give_each_prompt_its_tokens_alone() -> None:
+def test_merged_split_or_cut_steps_give_each_prompt_its_tokens_alone() -> None:
     model = Transformer(ModelArgs.from_dict(CONFIGS["dense"]))
     model.load_state_dict(random_state(CONFIGS["dense"]))
     model.eval()
-    ps = prompts(n=4, lengths=(5, 19, 33, 12))
-    alone = [Pipeline(model, 0, 1, torch.device("cpu"), None).generate([p], GenerationParams(max_tokens=10, eos_ids=()))[0]
-             for p in ps]  # fmt: skip
+    # Equal lengths arriving together finish their prompts in the same unit; slots out of admission
+    # order (11 before 0) and far apart (gaps of empty rows).
+    ps = prompts(n=6, lengths=(5, 5, 19, 19, 33, 12))
+    params = GenerationParams(max_tokens=10, eos_ids=())
+    alone = [Pipeline(model, 0, 1, torch.device("cpu"), None).generate([p], params)[0] for p in ps]
+    slots = [11, 0, 6, 2, 9, 4]
     cheap, heavy = StepCost(), StepCost()
     for n in (16, 256, 32, 128) * 5:
         cheap.record(n, 1e-3 + 1e-6 * n)
         heavy.record(n, 0.02 + 4e-3 * n)
-    heavy.record = lambda n, s: None  # type: ignore[method-assign]  # keep the compute-bound line
-    cheap.record = lambda n, s: None  # type: ignore[method-assign]
-    got, sched = run(model, ps, cheap)
-    assert got == alone and sched.merged_steps > 0 and sched.split_steps == 0
-    got, sched = run(model, ps, heavy)
+    got, sched = run(model, ps, cheap, slots)
+    assert got == alone and sched.merged_steps > 0 and sched.split_steps == 0 and sched.cut_units == 0
+    got, sched = run(model, ps, heavy, slots)
     assert got == alone and sched.split_steps > 0  # (a short chunk beside one decode row still merges)
+    assert sched.cut_units > 0  # prefill units cut at gaps of empty rows
