@@ -231,9 +231,6 @@ def prepare_cpu_linears(model: nn.Module, kind: str = "auto", step_rows: int | N
     kernel does not take (shapes, bias) are packed by oneDNN either way."""
     if kind not in CPU_LINEAR_KINDS:
         raise ValueError(f"unknown CPU linear kernel {kind!r} (one of {', '.join(CPU_LINEAR_KINDS)})")
-    if not any(blockable(m) for m in model.modules()):
-        n = pack_linears(model)
-        return f"{n} bf16 linears on oneDNN's packed layout" if n else ""
     why = ""
     if kind == "blocked" or (kind == "auto" and step_rows is not None and step_rows <= BLOCKED_MAX_ROWS):
         nb = block_linears(model)
@@ -241,7 +238,7 @@ def prepare_cpu_linears(model: nn.Module, kind: str = "auto", step_rows: int | N
             n = pack_linears(model)
             rest = f"; {n} others on oneDNN's packed layout" if n else ""
             return f"{nb} bf16 linears on the AVX512-BF16 kernel (blocked layout){rest}"
-        why = blocked_kernels_error() or "no linear fits it"
+        why = blocked_kernels_error() or "no bf16 linear fits it"
     n = pack_linears(model)
     reason = f" (not the AVX512-BF16 kernel: {why})" if why else ""
     return f"{n} bf16 linears on oneDNN's packed layout{reason}" if n else ""

@@ -272,9 +272,9 @@ class QuantLinear(nn.Module):
         if self.qweight.device.type != "cpu":
             return
         n, k = self.out_features, self.in_features
-        if self.spec.mode == "int8" and own_kernels and n % 8 == 0 and k % 32 == 0 and blocked_kernels(log=True):
-            kernels = blocked_kernels()
-            assert kernels is not None
+        fits = self.spec.mode == "int8" and own_kernels and n % 8 == 0 and k % 32 == 0
+        kernels = blocked_kernels(log=True) if fits else None
+        if kernels is not None:
             q = self.qweight
             # In place where this module owns the whole allocation (no second copy: freed copies stay
             # in the heap); a tensor from a file or a view of a larger one is copied first.

@@ -87,6 +87,11 @@ def job(a: argparse.Namespace, variant: str, hf: bool) -> dict[str, Any]:
     return out
 
 
+def read_gbs(bandwidth: dict[str, float]) -> float:
+    """A job's read bandwidth: the better of its probes (torch's sum, the AVX-512 sum where built)."""
+    return max(bandwidth["read_gbs"], bandwidth.get("read_simd_gbs", 0.0))
+
+
 def spread(xs: list[float], fmt: str = ".2f") -> str:
     return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}}-{max(xs):{fmt}}]"
 
@@ -141,8 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     hf_ms = [r["peers"]["transformers"]["decode_ms_per_token"] for r in runs[base]] if a.hf else []
     engine_ranks = [rk for rs in runs.values() for r in rs for rk in r.get("ranks", [])]
-    bws = [max(rk["bandwidth"]["read_gbs"], rk["bandwidth"].get("read_simd_gbs", 0.0))
-           for rk in engine_ranks if "bandwidth" in rk]  # fmt: skip
+    bws = [read_gbs(rk["bandwidth"]) for rk in engine_ranks if "bandwidth" in rk]
     best_bw = max(bws, default=0.0)
     for v in variants:
         ratio = [b / x for b, x in zip(ms[base], ms[v], strict=True)]
@@ -160,8 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             other.append(f"{statistics.median(ms[v]) / floor:.2f}x floor, best {min(ms[v]) / floor:.2f}x")
             # The bandwidth changes between jobs: each job's weight read rate against its own probe.
             own = [r["ranks"][0]["streamed_bytes"] / (r["decode_ms_per_token"] / 1000) / 1e9
-                   / max(r["ranks"][0]["bandwidth"]["read_gbs"], r["ranks"][0]["bandwidth"].get("read_simd_gbs", 0))
-                   for r in runs[v] if "bandwidth" in r["ranks"][0]]  # fmt: skip
+                   / read_gbs(r["ranks"][0]["bandwidth"]) for r in runs[v] if "bandwidth" in r["ranks"][0]]  # fmt: skip
             if own:
                 other.append(f"weights read at {spread([100 * o for o in own], '.0f')} % of the job's own probe")
         lines.append(f"| {v} | {spread(ms[v], '.3f')} | {1000 / statistics.median(ms[v]):.1f} | "

@@ -11,6 +11,7 @@ import torch
 from model.args import ModelArgs
 from model.checkpoint import expected_shapes, save_checkpoint
 from model.tokenizer import DEFAULT_TOKENIZER_PATH
+from model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,3 +49,21 @@ def write_model(path: Path, params: dict[str, Any], seed: int = 0, fmt: str = "s
 def prompts(n: int = 3, lengths: tuple[int, ...] = (5, 19, 33), seed: int = 1, vocab: int = 512) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [[1] + torch.randint(3, vocab, (length - 1,), generator=g).tolist() for length in lengths[:n]]
+
+
+def random_model(name: str, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The whole model of CONFIGS[name] with random_state's weights, in dtype, for inference."""
+    model = Transformer(ModelArgs.from_dict(CONFIGS[name]))
+    model.load_state_dict(random_state(CONFIGS[name]))
+    return model.to(dtype).eval()
+
+
+def chunked_logits(model: Transformer, tokens: list[int], chunk: int) -> torch.Tensor:
+    """All-position logits [T, V], prefilled in chunks, then one decode step per remaining token."""
+    cache = model.make_cache(1, 64)
+    outs = []
+    with torch.inference_mode():
+        for s in range(0, len(tokens), chunk):
+            ids = torch.tensor([tokens[s : s + chunk]])
+            outs.append(model(ids, torch.arange(s, s + ids.shape[1])[None], cache)[0])
+    return torch.cat(outs)

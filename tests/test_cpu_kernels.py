@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import CONFIGS, prompts, random_state, write_model
+from common import CONFIGS, chunked_logits, prompts, random_model, write_model
 from launchers import REPO, base_env, torchrun
 
 from distributed.pipeline import GenerationParams, Pipeline
-from model.args import ModelArgs
 from model.cpu_kernels import (
     BlockedLinear,
     PackedLinear,
@@ -25,7 +24,6 @@ from model.cpu_kernels import (
     unpack_linears,
 )
 from model.layers import fuse_projections
-from model.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -78,26 +76,10 @@ def test_kernel_rejects_what_it_cannot_take(kernels) -> None:  # noqa: ANN001
         kernels.blocked_linear(torch.zeros(1, 32, dtype=torch.bfloat16), wb)
 
 
-def build(name: str, dtype: torch.dtype) -> Transformer:
-    model = Transformer(ModelArgs.from_dict(CONFIGS[name]))
-    model.load_state_dict(random_state(CONFIGS[name]))
-    return model.to(dtype).eval()
-
-
-def all_logits(model: Transformer, tokens: list[int], chunk: int) -> torch.Tensor:
-    cache = model.make_cache(1, 64)
-    outs = []
-    with torch.inference_mode():
-        for s in range(0, len(tokens), chunk):
-            ids = torch.tensor([tokens[s : s + chunk]])
-            outs.append(model(ids, torch.arange(s, s + ids.shape[1])[None], cache)[0].float())
-    return torch.cat(outs)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_blocked_model_is_as_close_to_fp32_as_onednn_and_unpacks_exactly(kernels, name: str) -> None:  # noqa: ANN001
-    ref, onednn, blocked = build(name, torch.float32), build(name, torch.bfloat16), build(name, torch.bfloat16)
+    ref, onednn, blocked = random_model(name), random_model(name, torch.bfloat16), random_model(name, torch.bfloat16)
     original = {k: v.clone() for k, v in blocked.state_dict().items()}
     for m in (onednn, blocked):
         fuse_projections(m)
@@ -108,9 +90,9 @@ def test_blocked_model_is_as_close_to_fp32_as_onednn_and_unpacks_exactly(kernels
     assert BlockedLinear in types  # moe: the 4-expert router (out 4) stays on oneDNN
     assert types <= {BlockedLinear, PackedLinear}
     toks = prompts(lengths=(33,))[0]
-    want = all_logits(ref, toks, 33)
-    err_blocked = (all_logits(blocked, toks, 5) - want).abs().max()
-    err_onednn = (all_logits(onednn, toks, 5) - want).abs().max()
+    want = chunked_logits(ref, toks, 33).float()
+    err_blocked = (chunked_logits(blocked, toks, 5).float() - want).abs().max()
+    err_onednn = (chunked_logits(onednn, toks, 5).float() - want).abs().max()
     assert err_blocked <= 1.5 * err_onednn, (err_blocked, err_onednn)
     assert unpack_linears(blocked) > 0
     from model.layers import unfuse_projections
@@ -132,7 +114,7 @@ def test_compiled_decode_with_blocked_linears_gives_the_eager_tokens(kernels) ->
 
 
 def compiled_matches_eager() -> None:
-    eager, compiled = build("dense", torch.bfloat16), build("dense", torch.bfloat16)
+    eager, compiled = random_model("dense", torch.bfloat16), random_model("dense", torch.bfloat16)
     for m in (eager, compiled):
         fuse_projections(m)
         prepare_cpu_linears(m, "blocked")

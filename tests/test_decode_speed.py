@@ -10,37 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from common import CONFIGS, prompts, random_state, write_model
+from common import CONFIGS, chunked_logits, prompts, random_model, write_model
 from launchers import REPO, base_env, torchrun
 
 from distributed.pipeline import GenerationParams, Pipeline
-from model.args import ModelArgs
 from model.cpu_kernels import PackedLinear, pack_linears
 from model.layers import fuse_projections, rope_tables, rotary, unfuse_projections
-from model.transformer import Transformer, compile_bucket
-
-
-def build(name: str, dtype: torch.dtype = torch.float32) -> Transformer:
-    model = Transformer(ModelArgs.from_dict(CONFIGS[name]))
-    model.load_state_dict(random_state(CONFIGS[name]))
-    return model.to(dtype).eval()
-
-
-def logits(model: Transformer, tokens: list[int], chunk: int) -> torch.Tensor:
-    """All-position logits [T, V], prefilled in chunks, then one decode step per remaining token."""
-    cache = model.make_cache(1, 64)
-    outs = []
-    with torch.inference_mode():
-        for s in range(0, len(tokens), chunk):
-            ids = torch.tensor([tokens[s : s + chunk]])
-            outs.append(model(ids, torch.arange(s, s + ids.shape[1])[None], cache)[0])
-    return torch.cat(outs)
+from model.transformer import compile_bucket
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_fused_projections_give_identical_logits_and_unfuse_restores_names(name: str) -> None:
-    plain, fused = build(name), build(name)
+    plain, fused = random_model(name), random_model(name)
     before = {k: v.clone() for k, v in fused.state_dict().items()}
     n_ffn = sum(1 for m in fused.modules() if type(m).__name__ == "FeedForward")
     assert fuse_projections(fused) == len(fused.layers) + n_ffn
@@ -49,7 +31,7 @@ def test_fused_projections_give_identical_logits_and_unfuse_restores_names(name:
     assert any(k.endswith("w13.weight") for k in names) and not any(".w1." in k for k in names)
     assert fuse_projections(fused) == 0  # idempotent
     toks = prompts(lengths=(20,))[0]
-    assert torch.equal(logits(plain, toks, 6), logits(fused, toks, 6))
+    assert torch.equal(chunked_logits(plain, toks, 6), chunked_logits(fused, toks, 6))
     unfuse_projections(fused)
     after = fused.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
@@ -57,13 +39,13 @@ def test_fused_projections_give_identical_logits_and_unfuse_restores_names(name:
 
 @pytest.mark.timeout(60)
 def test_fused_then_packed_bf16_equals_plain_bf16() -> None:
-    plain, fast = build("dense", torch.bfloat16), build("dense", torch.bfloat16)
+    plain, fast = random_model("dense", torch.bfloat16), random_model("dense", torch.bfloat16)
     fuse_projections(fast)
     if pack_linears(fast) == 0:
         pytest.skip("this torch build has no oneDNN weight packing")
     assert all(type(m) is PackedLinear for m in fast.modules() if isinstance(m, torch.nn.Linear))
     toks = prompts(lengths=(20,))[0]
-    assert torch.equal(logits(plain, toks, 6), logits(fast, toks, 6))
+    assert torch.equal(chunked_logits(plain, toks, 6), chunked_logits(fast, toks, 6))
 
 
 @pytest.mark.timeout(30)
@@ -92,7 +74,7 @@ def test_compile_bucket_is_a_valid_capacity() -> None:
     [("dense", torch.float32, 1), ("dense", torch.bfloat16, 2), ("moe", torch.float32, 1)],
 )
 def test_compiled_decode_gives_the_eager_tokens(name: str, dtype: torch.dtype, microbatches: int) -> None:
-    eager, compiled = build(name, dtype), build(name, dtype)
+    eager, compiled = random_model(name, dtype), random_model(name, dtype)
     for m in (eager, compiled):
         fuse_projections(m)
         pack_linears(m)  # bf16: the compiled step calls the packed kernel through a custom op

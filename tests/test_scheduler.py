@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from common import CONFIGS, prompts, random_state
+from common import prompts, random_model
 
 from distributed.pipeline import GenerationParams, Pipeline
 from distributed.scheduler import Scheduler, Sequence, StepCost
-from model.args import ModelArgs
 from model.transformer import Transformer
 
 
@@ -55,9 +54,7 @@ def run(model: Transformer, ps: list[list[int]], cost: StepCost, slots: list[int
 
 @pytest.mark.timeout(120)
 def test_merged_split_or_cut_steps_give_each_prompt_its_tokens_alone() -> None:
-    model = Transformer(ModelArgs.from_dict(CONFIGS["dense"]))
-    model.load_state_dict(random_state(CONFIGS["dense"]))
-    model.eval()
+    model = random_model("dense")
     # Equal lengths arriving together finish their prompts in the same unit; slots out of admission
     # order (11 before 0) and far apart (gaps of empty rows).
     ps = prompts(n=6, lengths=(5, 5, 19, 19, 33, 12))
