@@ -35,6 +35,19 @@ def peak_rss() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def huge_page_bytes() -> int | None:
+    """Bytes of this process's anonymous memory in transparent huge pages (Linux; None elsewhere):
+    whether the weights got 2 MiB pages (THP_MEM_ALLOC_ENABLE, set by `python -m launch`)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def make_prompts(batch: int, length: int, vocab: int, seed: int = 1) -> list[list[int]]:
     """BOS followed by random ids: the same prompts for the engine and every peer."""
     g = torch.Generator().manual_seed(seed)

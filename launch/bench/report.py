@@ -48,6 +48,7 @@ def print_report(r: dict[str, Any]) -> None:
             f"  rank {rk['rank']}: layers {rk['layers'][0]}-{rk['layers'][1]}, weights {_fmt_bytes(rk['weight_bytes'])}"
             f", KV {_fmt_bytes(rk['kv_bytes'])}, peak RSS {_fmt_bytes(rk['peak_rss_bytes'])}"
             f" (budget {_fmt_bytes(rk['rss_budget_bytes'])})"
+            + (f", in huge pages {_fmt_bytes(rk['huge_page_bytes'])}" if rk.get("huge_page_bytes") is not None else "")
             + (f", GPU peak {_fmt_bytes(rk['gpu_peak_bytes'])}" if rk["gpu_peak_bytes"] is not None else "")
             + (f", copy {bw['copy_gbs']:.1f} GB/s" if bw else "")
         )

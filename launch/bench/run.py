@@ -22,6 +22,7 @@ from launch.bench.measure import (
     StageRecorder,
     Timing,
     current_rss,
+    huge_page_bytes,
     make_prompts,
     measure_bandwidth,
     median_timing,
@@ -130,6 +131,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         pipeline.serve()
 
     rss_high = peak_rss()  # before the bandwidth buffers, which are not the engine's
+    huge_pages = huge_page_bytes()
     gpu_high = torch.cuda.max_memory_allocated(rt.device) if rt.device.type == "cuda" else None
     bw: dict[str, float] | None = None
     if opts.bandwidth:  # one rank at a time, so that each sees the memory system to itself
@@ -156,6 +158,7 @@ def _bench(rt: Runtime, opts: BenchOptions) -> None:
         "base_rss_bytes": base_rss,
         "loaded_rss_bytes": loaded_rss,
         "peak_rss_bytes": rss_high,
+        "huge_page_bytes": huge_pages,
         "gpu_peak_bytes": gpu_high,
     }
     if bw is not None:
