@@ -41,7 +41,9 @@ class RunOptions:
     # CPU bf16 linears: "blocked" = the engine's AVX512-BF16 kernel (weights streamed in blocks of 8 rows;
     # fastest at 1-2 rows a step: decode at batch 1-2; built once with the C++ compiler), "onednn" =
     # oneDNN's packed layout (faster from 3 rows: batched decode, prefill); auto: blocked when a decode
-    # step has at most 2 rows (interactive, bench/generate --batch_size 1-2) and the CPU has AVX512-BF16
+    # step has at most 2 rows (interactive, bench/generate --batch_size 1-2) and the CPU has AVX512-BF16.
+    # --quantize int8/int4 take the engine's own kernels (int4: int8 activations, AVX512-VNNI) unless
+    # this is "onednn" (PyTorch's packed int8/int4 kernels)
     cpu_linear: str = field(default="auto", choices=["auto", "blocked", "onednn"])
 
 
@@ -115,3 +117,7 @@ class ServeOptions(RunOptions):
     # decode rows ride in the prefill unit of a step (one pass, weights read once, decode rows padded to
     # the chunk): auto = where the padding costs less than the pass it saves, learnt from the step times
     merge_steps: str = field(default="auto", choices=["auto", "always", "never"])
+    # a step that prefills new prompts besides decoding may take at most this many decode-only steps
+    # (predicted from the measured step times): even inter-token gaps for streaming clients, at some
+    # cost in time to first token; 0 = only --token_budget bounds it
+    itl_cap: float = 0.0

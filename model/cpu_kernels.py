@@ -92,15 +92,17 @@ def unpack_linears(model: nn.Module) -> int:
 # ---- the engine's AVX512-BF16 kernel ----------------------------------------------------------------
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_linear.cpp"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-fopenmp"]
 _kernels: ModuleType | None = None
 _kernels_error: str | None = None
 
 
 def _cpu_has_avx512_bf16() -> bool:
+    """AVX512-BF16 and AVX512-VNNI (every CPU with the first has the second: Cooper Lake, Sapphire
+    Rapids and later, Zen 4 and later)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
+            return any(line.startswith("flags") and {"avx512_bf16", "avx512_vnni"} <= set(line.split()) for line in f)
     except OSError:
         return False
 
@@ -118,7 +120,7 @@ def blocked_kernels(log: bool = False) -> ModuleType | None:
     if _kernels is not None or _kernels_error is not None:
         return _kernels
     if not _cpu_has_avx512_bf16():
-        _kernels_error = "this CPU has no avx512_bf16"
+        _kernels_error = "this CPU has no avx512_bf16 (or no avx512_vnni)"
         return None
     try:
         from torch.utils import cpp_extension
@@ -164,6 +166,19 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
 
 @int8_linear.register_fake
 def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("mistral_pipeline::int4_linear", mutates_args=())
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, sm: torch.Tensor, group: int) -> torch.Tensor:
+    """x [..., in] (quantized to int8 per group inside) @ an int4 weight laid out by
+    model.quant.int4_block_weight -> [..., out] float32 (an opaque op for torch.compile)."""
+    assert _kernels is not None
+    return _kernels.int4_linear(x, qweight, sm, group)  # type: ignore[no-any-return]
+
+
+@int4_linear.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, sm: torch.Tensor, group: int) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
 
 

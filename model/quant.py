@@ -1,5 +1,5 @@
-"""Weight-only int8 / int4 linears: the formats, their error-bounded (de)quantization, and the CPU
-kernels PyTorch ships for them.
+"""Weight-only int8 / int4 linears: the formats, their error-bounded (de)quantization, and their CPU
+kernels (the engine's own and PyTorch's).
 
 Formats (canonical: what a quantized checkpoint stores and what load_stage builds, tensor by tensor):
   int8  per output channel, symmetric:  w[n, k] = qweight[n, k] * scales[n]
@@ -14,12 +14,17 @@ output head); the output head is int8 at most (int4 there costs the most accurac
 memory). Kept in the run dtype: the token embedding (only gathered, a row per token: quantizing it
 saves memory but no time), the norms and the MoE router (tiny, and routing is sensitive).
 
-Kernels (QuantLinear.prepare, once after load and after fusing): on CPU int8 runs
-aten._weight_int8pack_mm and int4 aten._weight_int4pack_mm_for_cpu (weights re-laid out once), both
-with bf16 activations; for many rows (prefill) those kernels are slower than a bf16 GEMM, so the
-weight is dequantized to the activation dtype and multiplied by F.linear instead. Other devices
-(CUDA) dequantize and use F.linear: correct and memory-saving, not fast (no GPU was available to test
-torchao's or PyTorch's CUDA int4/int8 kernels).
+Kernels (QuantLinear.prepare, once after load and after fusing), on CPU:
+  int8  the engine's kernel (model/csrc/cpu_linear.cpp, "int8blk": int8 weights in blocks of 8 rows,
+        fp32 activations and sums), else PyTorch's aten._weight_int8pack_mm ("int8cpu", bf16).
+  int4  the engine's kernel ("int4blk", int4_block_weight's layout): x quantized to int8 per group
+        inside the kernel and multiplied into the int4 weights with AVX512-VNNI integer dot
+        products, as llama.cpp does (its Q4 x Q8 dot products); 1.25-1.4x PyTorch's
+        aten._weight_int4pack_mm_for_cpu ("int4cpu", bf16 activations, the fallback) at 1 row and
+        2-2.5x from 2 rows (scripts/quant_kernels.py). Out features a multiple of 16, groups of 32n.
+  --cpu_linear onednn keeps PyTorch's kernels for both. For many rows (prefill, over KERNEL_MAX_ROWS)
+  the weight is dequantized a block of rows at a time and multiplied by F.linear instead.
+Other devices (CUDA): int8 as x @ q^T then the scales; int4 on PyTorch's tinygemm kernel (sm80+).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ConfigError
-from model.cpu_kernels import blocked_kernels, int8_linear
+from model.cpu_kernels import blocked_kernels, int4_linear, int8_linear
 
 MODES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
@@ -46,7 +51,7 @@ DEFAULT_GROUP_SIZE = 32
 # prefill of the 7B shape through dequantization took 30 s against ~1.5 s in bf16 on a loaded machine).
 KERNEL_MAX_ROWS = 128
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels (CPU and CUDA) take
-_INT4_BLOCK_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64
+_TORCH_INT4_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64
 QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows of about this many elements
 
 
@@ -176,6 +181,41 @@ def error_bound(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return (step / 2 + slack).amax(1) * (1 + 1e-5)
 
 
+# -- the engine's int4 kernel layout (model/csrc/cpu_linear.cpp, int4_linear) ---------------------------
+
+INT4_BLOCK_ROWS = 16  # output rows per block of the engine's int4 layout
+
+
+def int4_blockable(n: int, k: int, group: int) -> bool:
+    return n % INT4_BLOCK_ROWS == 0 and group % 32 == 0 and k % group == 0
+
+
+def int4_block_weight(t: dict[str, torch.Tensor], group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical int4 -> (weight uint8 [N, K/2], scales and mins fp16 [N/16, K/group, 2, 16]) in the
+    engine's kernel layout: per block of 16 rows, per 32 inputs, 4 x (4 rows x 16 bytes), byte i of a
+    row holding input i in its low nibble and input i + 16 in its high one. Rows lo:hi of the weight
+    (lo, hi multiples of 16) are blocks lo/16:hi/16; a block of rows at a time keeps temporaries small."""
+    qweight, scales, mins = t["qweight"], t["scales"], t["mins"]
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    rows = max(INT4_BLOCK_ROWS, QUANT_BLOCK_ELEMS // k // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
+    parts = []
+    for i in range(0, n, rows):
+        q = unpack_nibbles(qweight[i : i + rows]).view(-1, 4, 4, k // 32, 2, 16)  # (block, j, r, k/32, half, i)
+        parts.append((q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 3, 1, 2, 4).reshape(-1, k // 2))
+    packed = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+    sm = torch.stack([scales, mins]).to(torch.float16).view(2, n // 16, 16, k // group).permute(1, 3, 0, 2)
+    return packed, sm.contiguous()
+
+
+def int4_unblock_weight(packed: torch.Tensor, sm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The inverse of int4_block_weight (whole blocks of rows)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    p = packed.view(n // 16, k // 32, 4, 4, 16).permute(0, 2, 3, 1, 4)  # (block, j, r, k/32, i)
+    q = torch.stack([p & 15, p >> 4], dim=-2).reshape(n, k)
+    scales, mins = sm.permute(2, 0, 3, 1).reshape(2, n, sm.shape[1])
+    return {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}
+
+
 # -- GGUF blocks straight into the int4 format --------------------------------------------------------
 
 
@@ -211,6 +251,13 @@ def _int8(x2: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
     return kernels.int8_linear(x2, mod.qweight, mod.scales)  # type: ignore[no-any-return]
 
 
+def _int4(x2: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
+    """The engine's int4 kernel, called directly (eager; compiled steps go through the int4_linear op)."""
+    kernels = blocked_kernels()
+    assert kernels is not None
+    return kernels.int4_linear(x2, mod.qweight, mod.scales, mod.spec.group_size)  # type: ignore[no-any-return]
+
+
 class QuantLinear(nn.Module):
     """y = x W^T with W held as int8 or int4 (canonical buffers until prepare())."""
 
@@ -229,7 +276,8 @@ class QuantLinear(nn.Module):
         self.qweight: torch.Tensor
         self.scales: torch.Tensor
         self.mins: torch.Tensor
-        self.kernel = "generic"  # "int8blk" (the engine's kernel) / "int8cpu" / "int4cpu" after prepare() on CPU
+        # after prepare() on CPU: "int8blk" / "int4blk" (the engine's kernels), "int8cpu" / "int4cpu" (PyTorch's)
+        self.kernel = "generic"
         self._sz: torch.Tensor | None = None  # int4 CPU: [K/g, N, 2] bf16 (scale, zero)
         self._scales_bf16: torch.Tensor | None = None
 
@@ -273,8 +321,13 @@ class QuantLinear(nn.Module):
             return
         n, k = self.out_features, self.in_features
         fits = self.spec.mode == "int8" and own_kernels and n % 8 == 0 and k % 32 == 0
-        kernels = blocked_kernels(log=True) if fits else None
-        if kernels is not None:
+        fits4 = self.spec.mode == "int4" and own_kernels and int4_blockable(n, k, self.spec.group_size)
+        kernels = blocked_kernels(log=True) if fits or fits4 else None
+        if kernels is not None and fits4:
+            self.qweight, self.scales = int4_block_weight(self.canonical(), self.spec.group_size)
+            self.mins = torch.empty(0)
+            self.kernel = "int4blk"
+        elif kernels is not None:
             q = self.qweight
             # In place where this module owns the whole allocation (no second copy: freed copies stay
             # in the heap); a tensor from a file or a view of a larger one is copied first.
@@ -295,7 +348,7 @@ class QuantLinear(nn.Module):
             # Blocks of 64 output rows are independent in the kernel's layout: convert a block of rows at
             # a time (the int32 input is 8x the packed bytes).
             n, k = self.out_features, self.in_features
-            rows = n if n % _INT4_BLOCK_ROWS else max(_INT4_BLOCK_ROWS, QUANT_BLOCK_ELEMS // k // 64 * 64)
+            rows = n if n % _TORCH_INT4_ROWS else max(_TORCH_INT4_ROWS, QUANT_BLOCK_ELEMS // k // 64 * 64)
             packed = torch.cat([
                 torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                     unpack_nibbles(self.qweight[i : i + rows]).to(torch.int32), 1
@@ -340,12 +393,15 @@ class QuantLinear(nn.Module):
         """Output rows lo:hi of the weight, dequantized to dtype [hi - lo, K]."""
         if self.kernel == "int8blk":
             return dequantize({"qweight": self._int8_rows(lo, hi), "scales": self.scales[lo:hi]}, "int8", dtype)
+        if self.kernel == "int4blk":
+            blocks = self.scales[lo // INT4_BLOCK_ROWS : -(-hi // INT4_BLOCK_ROWS)]
+            return dequantize(int4_unblock_weight(self.qweight[lo:hi], blocks), "int4", dtype)
         if self.kernel != "int4cpu":
             return dequantize({s: t[lo:hi] for s, t in self.canonical().items()}, self.spec.mode, dtype)
         # Undo the CPU kernel's layout (blocks of 64 output rows, [K, 32] bytes each; row j of a block
         # in the low nibble, row 32 + j in the high one), then apply (q - 8) * scale + zero.
         n, k = hi - lo, self.in_features
-        b = self.qweight[lo:hi].reshape(n // _INT4_BLOCK_ROWS, k, 32)
+        b = self.qweight[lo:hi].reshape(n // _TORCH_INT4_ROWS, k, 32)
         q = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
         assert self._sz is not None
         sz = self._sz[:, lo:hi].float()  # [K/g, n, 2]; float32: zero ~ 8 scales, bf16 would cancel badly
@@ -356,8 +412,8 @@ class QuantLinear(nn.Module):
     def _dequantized_linear(self, x2: torch.Tensor) -> torch.Tensor:
         # A block of output rows at a time: the dequantized block stays small (and in cache).
         n = self.out_features
-        rows = max(_INT4_BLOCK_ROWS, QUANT_BLOCK_ELEMS // 4 // self.in_features // 64 * 64)
-        if n <= rows or (self.kernel == "int4cpu" and n % _INT4_BLOCK_ROWS) or x2.is_cuda:  # GPUs: one pass
+        rows = max(_TORCH_INT4_ROWS, QUANT_BLOCK_ELEMS // 4 // self.in_features // 64 * 64)
+        if n <= rows or (self.kernel == "int4cpu" and n % _TORCH_INT4_ROWS) or x2.is_cuda:  # GPUs: one pass
             return F.linear(x2, self._weight(x2.dtype, 0, n))
         return torch.cat([F.linear(x2, self._weight(x2.dtype, i, min(n, i + rows))) for i in range(0, n, rows)], -1)
 
@@ -367,9 +423,12 @@ class QuantLinear(nn.Module):
         few = rows <= KERNEL_MAX_ROWS
         if self.kernel == "int8blk" and few:
             y = int8_linear(x2, self.qweight, self.scales) if torch.compiler.is_compiling() else _int8(x2, self)
+        elif self.kernel == "int4blk" and few:
+            g = self.spec.group_size
+            y = int4_linear(x2, self.qweight, self.scales, g) if torch.compiler.is_compiling() else _int4(x2, self)
         elif self.kernel == "int8cpu" and few:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16)
-        elif self.kernel == "int4cpu" and (few or self.out_features % _INT4_BLOCK_ROWS):
+        elif self.kernel == "int4cpu" and (few or self.out_features % _TORCH_INT4_ROWS):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group_size, self._sz
             )

@@ -11,12 +11,16 @@ Variants (each one `python -m launch bench ... --json` job, batch 1, P = 1):
   onednn, blocked
              fused, with the bf16 linears on oneDNN's packed layout / the engine's AVX512-BF16 kernel
   compiled   fused, decode steps through torch.compile (--compile; compile time reported apart)
-  int8, int4 fused, weights quantized at load (--quantize; issue 11); int8: the engine's kernel
-  int8-torch int8 through PyTorch's packed kernel (--cpu_linear onednn), the engine before it had its own
+  int8, int4 fused, weights quantized at load (--quantize; issue 11), on the engine's kernels
+  int8-torch, int4-torch
+             through PyTorch's packed kernels (--cpu_linear onednn), the engine before it had its own
   llama-bf16, llama-q8_0, llama-q4_0
              llama.cpp's llama-bench on `<--gguf_prefix>-<type>.gguf` (scripts/llamacpp_peer.py makes
              and benches them; a job that cannot run is reported as skipped with its reason)
   hf         transformers' generate on the same tensors (the `separate` job's --compare_hf peer)
+  <variant>-4k
+             that variant with THP_MEM_ALLOC_ENABLE=0: weights in 4 KiB pages, the engine before it
+             asked for transparent huge pages (launch/__init__.py)
 With --bandwidth every engine job also reports the decode floor; the floor used here is each
 variant's streamed bytes over the best read bandwidth seen in any job of the run (the machine's
 bandwidth varies).
@@ -51,6 +55,7 @@ FLAGS = {
     "int8": ["--quantize", "int8"],
     "int8-torch": ["--quantize", "int8", "--cpu_linear", "onednn"],
     "int4": ["--quantize", "int4"],
+    "int4-torch": ["--quantize", "int4", "--cpu_linear", "onednn"],
 }
 
 
@@ -69,9 +74,10 @@ def llama_job(a: argparse.Namespace, variant: str) -> dict[str, Any]:
 
 def job(a: argparse.Namespace, variant: str, hf: bool) -> dict[str, Any]:
     model = ["--config", a.config] if a.config else [a.model]
+    base = variant.removesuffix("-4k")
     cmd = [sys.executable, "-m", "launch", "bench", *model, "--batch_size", "1", "--threads", str(a.threads),
            "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens), "--repeat", str(a.repeat),
-           "--warmup", "1", "--json", "--quiet", "--dist_timeout", "1800", *FLAGS[variant]]  # fmt: skip
+           "--warmup", "1", "--json", "--quiet", "--dist_timeout", "1800", *FLAGS[base]]  # fmt: skip
     if a.dtype:
         cmd += ["--dtype", a.dtype]
     if hf:
@@ -79,11 +85,14 @@ def job(a: argparse.Namespace, variant: str, hf: bool) -> dict[str, Any]:
     if a.bandwidth:
         cmd.append("--bandwidth")
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_WAIT_POLICY=a.omp_wait_policy)
+    if variant.endswith("-4k"):
+        env["THP_MEM_ALLOC_ENABLE"] = "0"
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=a.timeout)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("{")))
-    out["command"] = " ".join(["OMP_WAIT_POLICY=" + a.omp_wait_policy, "python", *cmd[1:]])
+    thp = ["THP_MEM_ALLOC_ENABLE=0"] if variant.endswith("-4k") else []
+    out["command"] = " ".join([*thp, "OMP_WAIT_POLICY=" + a.omp_wait_policy, "python", *cmd[1:]])
     return out
 
 

@@ -190,3 +190,60 @@ def test_block_in_place_equals_block(kernels, dtype: torch.dtype) -> None:  # no
     want = kernels.block_weight(w)
     kernels.block_weight_(w)
     assert torch.equal(w, want) and not torch.equal(w, kernels.unblock_weight(w))
+
+
+def int4_reference(x: torch.Tensor, canonical: dict[str, torch.Tensor], group: int) -> torch.Tensor:
+    """What the int4 kernel is specified to compute, written independently in float64: x quantized to
+    int8 per group (sx = amax / 127, qx = round(x * 127 / amax) in float32, as llama.cpp's Q8 blocks),
+    y = W x^ for x^ = sx * qx: y[n] = sum_g sx[g] * (scale[n, g] * (q[n, g] . qx[g]) + min[n, g] * sum(qx[g]))."""
+    from model.quant import unpack_nibbles
+
+    m, k = x.shape
+    xg = x.float().view(m, k // group, group)
+    amax = xg.abs().amax(-1, keepdim=True)
+    # (127 / tensor would be 127 * reciprocal(tensor) in torch: not the correctly rounded quotient)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    qx = torch.round(xg * inv).double()
+    sx = (amax / 127).double()
+    q = unpack_nibbles(canonical["qweight"]).double().view(-1, k // group, group)  # [N, G, g]
+    dots = torch.einsum("mgi,ngi->mng", qx, q)  # [M, N, G]
+    s, mn = canonical["scales"].double(), canonical["mins"].double()  # [N, G]
+    sx = sx.squeeze(-1)  # [M, G]
+    return (dots * sx[:, None, :] * s[None]).sum(-1) + (sx * qx.sum(-1)) @ mn.T
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("n", "k", "group"), [(16, 32, 32), (208, 544, 32), (96, 256, 64), (1024, 4096, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_matches_its_arithmetic_and_is_batch_invariant(kernels, n: int, k: int, group: int,  # noqa: ANN001
+                                                                   dtype: torch.dtype) -> None:
+    """The engine's int4 kernel (int8 activations, AVX512-VNNI) against the same arithmetic in float64,
+    the weight against its dequantized product, and every row alone against the batch."""
+    from model.quant import QuantLinear, QuantSpec, dequantize, int4_block_weight, int4_unblock_weight, quantize
+
+    spec = QuantSpec("int4", group)
+    g = torch.Generator().manual_seed(n + k)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    w[:, 5] *= 10  # an outlier input channel
+    canonical = quantize(w, spec)
+    packed, sm = int4_block_weight(canonical, group)
+    back = int4_unblock_weight(packed, sm)
+    assert all(torch.equal(back[s], canonical[s]) for s in canonical)
+    mod = QuantLinear.from_tensors(dict(canonical), spec, k)
+    mod.prepare()
+    assert mod.kernel == "int4blk" and torch.equal(mod.qweight, packed) and torch.equal(mod.scales, sm)
+    x = torch.randn(7, k, generator=g).to(dtype)
+    x[0, :group] = 0  # an all-zero group
+    y = mod(x)
+    assert y.dtype == dtype and y.shape == (7, n)
+    raw = kernels.int4_linear(x, mod.qweight, mod.scales, group)
+    spec_ref = int4_reference(x, canonical, group)
+    # fp32 accumulation of exact integer dot products: float rounding only
+    assert ((raw.double() - spec_ref).abs() <= 1e-5 * spec_ref.abs() + 1e-5 * (k / 32)).all()
+    # and close to the dequantized weight's product (x's rounding to int8 per group: ~1 % here)
+    exact = x.double() @ dequantize(canonical, "int4", torch.float64).T
+    assert (raw.double() - exact).abs().max() <= 2e-2 * exact.abs().max()
+    for m in range(1, 7):
+        assert torch.equal(kernels.int4_linear(x[:m], mod.qweight, mod.scales, group), raw[:m])
+    assert torch.equal(torch.cat([kernels.int4_linear(x[i : i + 1], mod.qweight, mod.scales, group)
+                                  for i in range(7)]), raw)  # fmt: skip

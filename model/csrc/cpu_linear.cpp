@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -182,6 +184,128 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor scale
   return y.reshape(out_shape);
 }
 
+// ---- int4 (group-wise, zero point): w = q * scale[n, g] + min[n, g], q in 0..15 ----------------------
+//
+// llama.cpp's route, which a weight-only kernel cannot match on a CPU: x is quantized too, to int8 per
+// group of the weight's group size (x ~ sx[g] * qx, |qx| <= 127), so a group's dot product is integer
+// work, AVX512-VNNI's vpdpbusd (64 unsigned weight bytes x 64 signed x bytes into 16 int32 lanes), and
+//   y[n] = sum_g sx[g] * (scale[n, g] * dot(q[n, g], qx[g]) + min[n, g] * sum(qx[g]))
+// = W x^ for x^ = sx * qx, as llama.cpp's Q4_1 x Q8_1 dot product. Both terms on x^: the error is then
+// sum_k w_k (x^_k - x_k), small where the weights are; an exact float sum(x) in the min term instead
+// leaves sum_k (w_k - min) (x^_k - x_k), which in a group with one outlier weight (every other weight
+// near min or max) adds up over the whole group (7-14x larger, measured). Layout (int4_block_weight in model/quant.py): blocks of 16
+// output rows; per group, per 32 inputs, four 64-byte vectors of 4 rows x 16 bytes, byte i of a row holding
+// inputs i (low nibble) and i + 16 (high); the group's 16 scales and 16 mins (fp16) in a second stream.
+namespace {
+constexpr int64_t RB4 = 16;  // output rows per int4 block
+
+template <int MR>
+inline void int4_rows_block(const int8_t* qx, const float* sx, const float* xs, int64_t K, int64_t G,
+                            const uint8_t* w, const uint16_t* sm, float* y, int64_t ldy) {
+  const int64_t ng = K / G, sub = G / 32;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512i idx[4];
+  for (int j = 0; j < 4; ++j)
+    idx[j] = _mm512_set_epi32(4 * j + 3, 4 * j + 3, 4 * j + 3, 4 * j + 3, 4 * j + 2, 4 * j + 2, 4 * j + 2, 4 * j + 2,
+                              4 * j + 1, 4 * j + 1, 4 * j + 1, 4 * j + 1, 4 * j, 4 * j, 4 * j, 4 * j);
+  __m512 facc[MR][4], macc[MR];
+  for (int m = 0; m < MR; ++m) {
+    macc[m] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j) facc[m][j] = _mm512_setzero_ps();
+  }
+  for (int64_t g = 0; g < ng; ++g, sm += 2 * RB4) {
+    __m512i iacc[MR][4];
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) iacc[m][j] = _mm512_setzero_si512();
+    for (int64_t s = 0; s < sub; ++s) {
+      __m512i xl[MR], xh[MR];
+      for (int m = 0; m < MR; ++m) {
+        const int8_t* q = qx + m * K + g * G + s * 32;
+        xl[m] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        xh[m] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
+      }
+      for (int j = 0; j < 4; ++j, w += 64) {
+        const __m512i v = _mm512_loadu_si512(w);
+        const __m512i lo = _mm512_and_si512(v, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int m = 0; m < MR; ++m)
+          iacc[m][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iacc[m][j], lo, xl[m]), hi, xh[m]);
+      }
+    }
+    const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + RB4)));
+    for (int m = 0; m < MR; ++m) {
+      macc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xs[m * ng + g]), macc[m]);
+      const __m512 s2 = _mm512_mul_ps(sc, _mm512_set1_ps(sx[m * ng + g]));
+      for (int j = 0; j < 4; ++j)
+        facc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m][j]), _mm512_permutexvar_ps(idx[j], s2), facc[m][j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    alignas(64) float part[4][16], mins[16];
+    for (int j = 0; j < 4; ++j) _mm512_store_ps(part[j], facc[m][j]);
+    _mm512_store_ps(mins, macc[m]);
+    for (int r = 0; r < RB4; ++r) {
+      const float* p = part[r / 4] + 4 * (r % 4);
+      y[m * ldy + r] = ((p[0] + p[1]) + (p[2] + p[3])) + mins[r];
+    }
+  }
+}
+}  // namespace
+
+// x [..., K] (any float dtype) @ W^T for an int4 weight in the layout above: qb uint8 [N, K / 2],
+// sm fp16 [N / 16, K / G, 2, 16] (scales, then mins) -> [..., N] float32. Rows of x in pairs share each
+// unpacked weight vector; a row's result does not depend on the others.
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor sm, int64_t G) {
+  TORCH_CHECK(qb.dim() == 2 && qb.scalar_type() == at::kByte && qb.is_contiguous() && qb.device().is_cpu(),
+              "a contiguous uint8 [out, in / 2] weight on the CPU");
+  const int64_t K = x.size(-1), N = qb.size(0);
+  TORCH_CHECK(G % 32 == 0 && K % G == 0 && N % RB4 == 0 && qb.size(1) * 2 == K,
+              "group a multiple of 32 dividing in features, out features a multiple of 16");
+  TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.is_contiguous() && sm.numel() == 2 * N * (K / G),
+              "fp16 scales and mins [N / 16, K / G, 2, 16]");
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = N;
+  const auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0), ng = K / G;
+  auto y = torch::empty({M, N}, x2.options());
+  if (M == 0) return y.reshape(out_shape);
+  // x to int8 per group: sx = amax / 127, qx = round(x / sx); and sx * sum(qx), the sum of x^.
+  std::vector<int8_t> qx(M * K);
+  std::vector<float> sx(M * ng), xs(M * ng);
+  const float* xp = x2.data_ptr<float>();
+  for (int64_t i = 0; i < M * ng; ++i) {
+    const float* v = xp + i * G;
+    float amax = 0.f;
+    for (int64_t k = 0; k < G; ++k) amax = std::max(amax, std::abs(v[k]));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t qsum = 0;
+    for (int64_t k = 0; k < G; ++k) {
+      qx[i * G + k] = static_cast<int8_t>(std::nearbyint(v[k] * inv));
+      qsum += qx[i * G + k];
+    }
+    sx[i] = amax / 127.f;
+    xs[i] = sx[i] * static_cast<float>(qsum);
+  }
+  const uint8_t* wp = qb.data_ptr<uint8_t>();
+  const auto* sp = reinterpret_cast<const uint16_t*>(sm.data_ptr());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / RB4, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* w = wp + b * RB4 * K / 2;
+      const uint16_t* s = sp + b * 2 * RB4 * ng;
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2)
+        int4_rows_block<2>(qx.data() + m * K, sx.data() + m * ng, xs.data() + m * ng, K, G, w, s,
+                           yp + m * N + b * RB4, N);
+      if (m < M)
+        int4_rows_block<1>(qx.data() + m * K, sx.data() + m * ng, xs.data() + m * ng, K, G, w, s,
+                           yp + m * N + b * RB4, N);
+    }
+  });
+  return y.reshape(out_shape);
+}
+
 // A read-bandwidth probe: the sum of a float32 buffer with four independent AVX-512 accumulators per
 // thread (torch's own sum reads at ~60 % of this on the machines measured; see bench --bandwidth).
 double read_probe(torch::Tensor buf) {
@@ -212,4 +336,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unblock_weight", &unblock_weight, "the inverse of block_weight");
   m.def("blocked_linear", &blocked_linear, "x [..., in] bf16 @ blocked weight^T -> [..., out] bf16");
   m.def("int8_linear", &int8_linear, "x [..., in] @ (blocked int8 weight * scales)^T -> [..., out] float32");
+  m.def("int4_linear", &int4_linear, "x [..., in] (int8 per group) @ (int4 weight, group-wise)^T -> [..., out] float32");
 }
