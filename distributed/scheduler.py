@@ -108,6 +108,7 @@ class Scheduler:
         merge: bool = False,
         decode_lanes: int | None = None,
         learn_merge: bool = True,
+        itl_cap: float = 0.0,
     ) -> None:
         self.pipeline, self.capacity, self.chunk = pipeline, capacity, chunk
         # static: admit only into an empty engine (one static batch at a time: a benchmark baseline)
@@ -117,6 +118,10 @@ class Scheduler:
         self.merge = merge
         self.learn_merge = learn_merge  # merge only where StepCost says it pays (else always)
         self.token_budget = token_budget or math.inf
+        # itl_cap: a step that prefills besides decoding may cost at most this many decode-only steps
+        # (StepCost's prediction), so decoding sequences see even gaps; 0: the token budget alone
+        self.itl_cap = itl_cap
+        self.capped_steps = 0  # steps whose prefill the cap cut below the token budget
         # decode_lanes: once nothing waits and every sequence decodes, re-cut the slots into this
         # many lanes (a static batch: prefill pipelined over `lanes`, decode in `decode_lanes`).
         self.decode_lanes = decode_lanes if decode_lanes not in (None, lanes) else None
@@ -248,6 +253,8 @@ class Scheduler:
         # The j-th generated token (0-based) sits at position len(prompt) + j.
         work = [(s, [s.out[-1]], len(s.prompt) + len(s.out) - 1) for s in decoders]
         budget = self.token_budget
+        if work and self.itl_cap > 0:
+            budget = min(budget, self._prefill_allowance(padded_tokens(work)))
         longest = self.chunk
         if self.merge and decoders:
             # Merged, every row of the unit is padded to its longest chunk: the budget bounds the
@@ -284,6 +291,21 @@ class Scheduler:
                 ending = [s for s, _, _ in group if s.decoding]
                 units.append((self._unit(group, sample=bool(ending)), ending))
         return units
+
+    def _prefill_allowance(self, decode_tokens: int) -> float:
+        """Prompt tokens a step may prefill next to a decode unit of `decode_tokens` padded tokens so
+        that the step costs at most itl_cap decode-only steps: the prefill unit's fixed cost plus its
+        tokens within (itl_cap - 1) x the decode unit's cost; never below MIN_MERGED_CHUNK tokens (new
+        prompts always advance). Unlimited until StepCost has a fit."""
+        fit = self.cost.fit()
+        if fit is None or fit[1] <= 0:
+            return math.inf
+        fixed, per_token = fit
+        decode = fixed + per_token * decode_tokens
+        allowed = max(MIN_MERGED_CHUNK, int(((self.itl_cap - 1) * decode - fixed) / per_token))
+        if allowed < self.token_budget:
+            self.capped_steps += 1
+        return allowed
 
     def _runs(self, work: list[tuple[Sequence, list[int], int]]) -> list[list[tuple[Sequence, list[int], int]]]:
         """work (sorted by slot) cut into units at gaps of empty rows whose padding would cost the first

@@ -341,6 +341,8 @@ class Serve(Command):
                 raise ConfigError(f"--{flag} must be >= {low}, got {getattr(o, flag)}")
         if not 0 <= o.port < 65536:
             raise ConfigError(f"--port must be in [0, 65535], got {o.port}")
+        if o.itl_cap != 0 and not o.itl_cap > 1:
+            raise ConfigError(f"--itl_cap must be above 1 (decode steps) or 0 (off), got {o.itl_cap}")
         if self.rt.rank == 0:
             self._start_http()  # /health says 503 while the model loads
         pipeline = super().prepare()
@@ -372,7 +374,7 @@ class Serve(Command):
         chunk = o.chunk_size or args.sliding_window or DEFAULT_CHUNK_NO_WINDOW
         lanes = o.num_microbatches or self.rt.n_stages
         sched = Scheduler(pipeline, o.max_batch, lanes, s.capacity, chunk, o.token_budget, o.static_batching,
-                          o.merge_steps != "never", learn_merge=o.merge_steps == "auto")
+                          o.merge_steps != "never", learn_merge=o.merge_steps == "auto", itl_cap=o.itl_cap)
         engine = Engine(sched, keepalive_s=max(0.5, o.dist_timeout / 4))
         def on_step(_: Scheduler) -> None:
             s.outbox.flush()

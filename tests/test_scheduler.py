@@ -70,3 +70,46 @@ def test_merged_split_or_cut_steps_give_each_prompt_its_tokens_alone() -> None:
     got, sched = run(model, ps, heavy, slots)
     assert got == alone and sched.split_steps > 0  # (a short chunk beside one decode row still merges)
     assert sched.cut_units > 0  # prefill units cut at gaps of empty rows
+
+
+def capped_run(model: Transformer, ps: list[list[int]], itl_cap: float) -> tuple[list[list[int]], Scheduler, int]:
+    """Four short prompts start decoding, then a long one arrives; the scheduler believes a unit costs
+    20 ms + 1 ms a token (frozen). Returns the tokens, the scheduler and the most prompt tokens one
+    step prefilled while others were decoding."""
+    pipe = Pipeline(model, 0, 1, torch.device("cpu"), None)
+    sched = Scheduler(pipe, 8, 1, 128, 64, token_budget=256, merge=True, itl_cap=itl_cap)
+    cost = StepCost()
+    for n in (4, 64, 16, 32) * 5:
+        cost.record(n, 0.02 + 1e-3 * n)
+    cost.record = lambda n, s: None  # type: ignore[method-assign]
+    sched.cost = cost
+    seqs = [Sequence(p, 12) for p in ps]
+    for s in seqs[:4]:
+        sched.submit(s)
+    while not all(s.decoding for s in seqs[:4]):
+        sched.step()
+    sched.submit(seqs[4])
+    most = 0
+    while sched.active:
+        before = seqs[4].prefilled
+        sched.step()
+        most = max(most, seqs[4].prefilled - before)
+    sched.close()
+    return [s.out for s in seqs], sched, most
+
+
+@pytest.mark.timeout(120)
+def test_itl_cap_bounds_the_prefill_beside_decoding() -> None:
+    """--itl_cap: with 4 rows decoding, a step may cost at most 2 decode-only steps (24 ms), so the long
+    prompt goes in the 16-token floor's chunks, not 51-token ones; every prompt still gets the
+    tokens it gets alone prefilled in chunks of that size."""
+    model = random_model("moe_nowindow")
+    ps = prompts(n=5, lengths=(4, 5, 6, 7, 60))
+    params = GenerationParams(max_tokens=12, eos_ids=(), chunk_size=16)
+    alone = [Pipeline(model, 0, 1, torch.device("cpu"), None).generate([p], params)[0] for p in ps]
+    got, sched, most = capped_run(model, ps, itl_cap=2.0)
+    assert got == alone
+    assert most == 16 and sched.capped_steps >= 4
+    _, free, most_free = capped_run(model, ps, itl_cap=0.0)
+    # without the cap: 51 tokens (the merged unit's 256-token budget over 5 rows) in one step
+    assert most_free == 256 // 5 and free.capped_steps == 0
