@@ -252,37 +252,29 @@ class Scheduler:
         decoders = sorted((s for s in seqs if s.decoding), key=lambda s: s.slot)
         # The j-th generated token (0-based) sits at position len(prompt) + j.
         work = [(s, [s.out[-1]], len(s.prompt) + len(s.out) - 1) for s in decoders]
-        budget = self.token_budget
-        if work and self.itl_cap > 0:
-            budget = min(budget, self._prefill_allowance(padded_tokens(work)))
-        longest = self.chunk
-        if self.merge and decoders:
-            # Merged, every row of the unit is padded to its longest chunk: the budget bounds the
-            # padded tokens (rows x chunk length), so that a long-window model does not merge a
-            # 256-token chunk with 16 decode rows into 16 x 256 tokens; never below MIN_MERGED_CHUNK
-            # (short windows keep their chunks, and prompts still advance by whole chunks).
-            rows = [s.slot for s in seqs if s.decoding or s.prefilled < len(s.prompt)]
-            per_row = budget // (max(rows) - min(rows) + 1)
-            longest = int(min(self.chunk, max(MIN_MERGED_CHUNK, per_row)))
-        chunks = []
-        for s in seqs:  # admission order
-            n = int(min(longest, len(s.prompt) - s.prefilled, budget))
-            if s.decoding or n <= 0:
-                continue
-            chunks.append((s, s.prompt[s.prefilled : s.prefilled + n], s.prefilled))
-            s.prefilled += n
-            budget -= n
-        finishing = [s for s, _, _ in chunks if s.decoding]
-        if self.merge and work and chunks:
+        # The prompt tokens this step may take: the token budget, and under --itl_cap what keeps the
+        # step within itl_cap decode-only steps (a merged unit and a separate prefill unit cost
+        # differently, so each has its own allowance).
+        fit = self.cost.fit() if work and self.itl_cap > 0 else None
+        merged_budget = self._allowance(fit, padded_tokens(work), merged=True) if fit else self.token_budget
+        split_budget = self._allowance(fit, padded_tokens(work), merged=False) if fit else self.token_budget
+        plan = self._plan(seqs, merged_budget, bool(self.merge and decoders))
+        if self.merge and work and plan:
             # One pass for the whole step (decode rows padded to the chunk length): every weight is
             # read once per step instead of twice, where the padding costs less than that pass.
-            both = sorted(work + chunks, key=lambda c: c[0].slot)
+            both = sorted(work + self._take(plan), key=lambda c: c[0].slot)
             if not self.learn_merge or self.cost.merge_pays(
-                padded_tokens(both), [padded_tokens(work), padded_tokens(chunks)]
+                padded_tokens(both), [padded_tokens(work), padded_tokens(self._take(plan))]
             ):
                 self.merged_steps += 1
+                self.capped_steps += merged_budget < self.token_budget
+                finishing = [s for s, _, _ in self._take(plan, commit=True) if s.decoding]
                 return [(self._unit(both, sample=True), sorted(decoders + finishing, key=lambda s: s.slot))]
             self.split_steps += 1
+        if split_budget != merged_budget:
+            plan = self._plan(seqs, split_budget, bool(self.merge and decoders))
+        self.capped_steps += bool(plan) and split_budget < self.token_budget
+        chunks = self._take(plan, commit=True)
         if work:
             units.append((self._unit(work, sample=True), decoders))
         if chunks:
@@ -292,20 +284,47 @@ class Scheduler:
                 units.append((self._unit(group, sample=bool(ending)), ending))
         return units
 
-    def _prefill_allowance(self, decode_tokens: int) -> float:
-        """Prompt tokens a step may prefill next to a decode unit of `decode_tokens` padded tokens so
-        that the step costs at most itl_cap decode-only steps: the prefill unit's fixed cost plus its
-        tokens within (itl_cap - 1) x the decode unit's cost; never below MIN_MERGED_CHUNK tokens (new
-        prompts always advance). Unlimited until StepCost has a fit."""
-        fit = self.cost.fit()
-        if fit is None or fit[1] <= 0:
-            return math.inf
+    def _allowance(self, fit: tuple[float, float], decode_tokens: int, merged: bool) -> float:
+        """Under --itl_cap: the prompt tokens a step may take beside a decode unit of `decode_tokens`
+        padded tokens, so that it costs at most itl_cap decode-only steps (StepCost's line): merged,
+        one unit of that many padded tokens; apart, a second unit of its own fixed cost. Never below
+        MIN_MERGED_CHUNK (new prompts always advance) nor above the token budget."""
         fixed, per_token = fit
+        if per_token <= 0:
+            return self.token_budget
         decode = fixed + per_token * decode_tokens
-        allowed = max(MIN_MERGED_CHUNK, int(((self.itl_cap - 1) * decode - fixed) / per_token))
-        if allowed < self.token_budget:
-            self.capped_steps += 1
-        return allowed
+        extra = self.itl_cap * decode - fixed if merged else (self.itl_cap - 1) * decode - fixed
+        return min(self.token_budget, max(MIN_MERGED_CHUNK, int(extra / per_token)))
+
+    def _plan(self, seqs: list[Sequence], budget: float, merging: bool) -> list[tuple[Sequence, int]]:
+        """(sequence, prompt tokens it prefills this step), in admission order, within `budget`.
+        Merging, every row of the unit is padded to its longest chunk: the budget then bounds the
+        padded tokens (rows x chunk length), so that a long-window model does not merge a 256-token
+        chunk with 16 decode rows into 16 x 256 tokens; never below MIN_MERGED_CHUNK (short windows
+        keep their chunks, and prompts still advance by whole chunks)."""
+        longest = self.chunk
+        if merging:
+            rows = [s.slot for s in seqs if s.decoding or s.prefilled < len(s.prompt)]
+            per_row = budget // (max(rows) - min(rows) + 1)
+            longest = int(min(self.chunk, max(MIN_MERGED_CHUNK, per_row)))
+        plan = []
+        for s in seqs:
+            n = int(min(longest, len(s.prompt) - s.prefilled, budget))
+            if s.decoding or n <= 0:
+                continue
+            plan.append((s, n))
+            budget -= n
+        return plan
+
+    @staticmethod
+    def _take(plan: list[tuple[Sequence, int]], commit: bool = False) -> list[tuple[Sequence, list[int], int]]:
+        """The plan's work items (sequence, its tokens, position of the first); commit: the sequences
+        advance past them."""
+        work = [(s, s.prompt[s.prefilled : s.prefilled + n], s.prefilled) for s, n in plan]
+        if commit:
+            for s, n in plan:
+                s.prefilled += n
+        return work
 
     def _runs(self, work: list[tuple[Sequence, list[int], int]]) -> list[list[tuple[Sequence, list[int], int]]]:
         """work (sorted by slot) cut into units at gaps of empty rows whose padding would cost the first
