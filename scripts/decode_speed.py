@@ -21,6 +21,9 @@ Variants (each one `python -m launch bench ... --json` job, batch 1, P = 1):
   <variant>-4k
              that variant with THP_MEM_ALLOC_ENABLE=0: weights in 4 KiB pages, the engine before it
              asked for transparent huge pages (launch/__init__.py)
+  <variant>-active
+             that variant with OMP_WAIT_POLICY=ACTIVE (idle OpenMP workers spin instead of sleeping;
+             faster between small ops where nothing else wants the cores, as llama.cpp's own pool)
 With --bandwidth every engine job also reports the decode floor; the floor used here is each
 variant's streamed bytes over the best read bandwidth seen in any job of the run (the machine's
 bandwidth varies).
@@ -74,7 +77,7 @@ def llama_job(a: argparse.Namespace, variant: str) -> dict[str, Any]:
 
 def job(a: argparse.Namespace, variant: str, hf: bool) -> dict[str, Any]:
     model = ["--config", a.config] if a.config else [a.model]
-    base = variant.removesuffix("-4k")
+    base = variant.removesuffix("-active").removesuffix("-4k")
     cmd = [sys.executable, "-m", "launch", "bench", *model, "--batch_size", "1", "--threads", str(a.threads),
            "--prompt_len", str(a.prompt_len), "--new_tokens", str(a.new_tokens), "--repeat", str(a.repeat),
            "--warmup", "1", "--json", "--quiet", "--dist_timeout", "1800", *FLAGS[base]]  # fmt: skip
@@ -84,15 +87,16 @@ def job(a: argparse.Namespace, variant: str, hf: bool) -> dict[str, Any]:
         cmd.append("--compare_hf")
     if a.bandwidth:
         cmd.append("--bandwidth")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_WAIT_POLICY=a.omp_wait_policy)
-    if variant.endswith("-4k"):
+    policy = "ACTIVE" if variant.endswith("-active") else a.omp_wait_policy
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_WAIT_POLICY=policy)
+    if "-4k" in variant:
         env["THP_MEM_ALLOC_ENABLE"] = "0"
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=a.timeout)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     out: dict[str, Any] = json.loads(next(x for x in r.stdout.splitlines() if x.startswith("{")))
-    thp = ["THP_MEM_ALLOC_ENABLE=0"] if variant.endswith("-4k") else []
-    out["command"] = " ".join([*thp, "OMP_WAIT_POLICY=" + a.omp_wait_policy, "python", *cmd[1:]])
+    thp = ["THP_MEM_ALLOC_ENABLE=0"] if "-4k" in variant else []
+    out["command"] = " ".join([*thp, "OMP_WAIT_POLICY=" + policy, "python", *cmd[1:]])
     return out
 
 
