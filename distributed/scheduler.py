@@ -256,25 +256,31 @@ class Scheduler:
         # step within itl_cap decode-only steps (a merged unit and a separate prefill unit cost
         # differently, so each has its own allowance).
         fit = self.cost.fit() if work and self.itl_cap > 0 else None
-        merged_budget = self._allowance(fit, padded_tokens(work), merged=True) if fit else self.token_budget
-        split_budget = self._allowance(fit, padded_tokens(work), merged=False) if fit else self.token_budget
+        merged_budget = split_budget = self.token_budget
+        if fit is not None:
+            decode_tokens = padded_tokens(work)
+            merged_budget = self._allowance(fit, decode_tokens, merged=True)
+            split_budget = self._allowance(fit, decode_tokens, merged=False)
         plan = self._plan(seqs, merged_budget, bool(self.merge and decoders))
-        if self.merge and work and plan:
+        chunks = self._take(plan)
+        if self.merge and work and chunks:
             # One pass for the whole step (decode rows padded to the chunk length): every weight is
             # read once per step instead of twice, where the padding costs less than that pass.
-            both = sorted(work + self._take(plan), key=lambda c: c[0].slot)
+            both = sorted(work + chunks, key=lambda c: c[0].slot)
             if not self.learn_merge or self.cost.merge_pays(
-                padded_tokens(both), [padded_tokens(work), padded_tokens(self._take(plan))]
+                padded_tokens(both), [padded_tokens(work), padded_tokens(chunks)]
             ):
                 self.merged_steps += 1
                 self.capped_steps += merged_budget < self.token_budget
-                finishing = [s for s, _, _ in self._take(plan, commit=True) if s.decoding]
+                self._advance(plan)
+                finishing = [s for s, _, _ in chunks if s.decoding]
                 return [(self._unit(both, sample=True), sorted(decoders + finishing, key=lambda s: s.slot))]
             self.split_steps += 1
         if split_budget != merged_budget:
             plan = self._plan(seqs, split_budget, bool(self.merge and decoders))
+            chunks = self._take(plan)
         self.capped_steps += bool(plan) and split_budget < self.token_budget
-        chunks = self._take(plan, commit=True)
+        self._advance(plan)
         if work:
             units.append((self._unit(work, sample=True), decoders))
         if chunks:
@@ -317,14 +323,15 @@ class Scheduler:
         return plan
 
     @staticmethod
-    def _take(plan: list[tuple[Sequence, int]], commit: bool = False) -> list[tuple[Sequence, list[int], int]]:
-        """The plan's work items (sequence, its tokens, position of the first); commit: the sequences
-        advance past them."""
-        work = [(s, s.prompt[s.prefilled : s.prefilled + n], s.prefilled) for s, n in plan]
-        if commit:
-            for s, n in plan:
-                s.prefilled += n
-        return work
+    def _take(plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, list[int], int]]:
+        """The plan's work items (sequence, its tokens, position of the first)."""
+        return [(s, s.prompt[s.prefilled : s.prefilled + n], s.prefilled) for s, n in plan]
+
+    @staticmethod
+    def _advance(plan: list[tuple[Sequence, int]]) -> None:
+        """The plan's sequences move past the prompt tokens it gave them (once its units are built)."""
+        for s, n in plan:
+            s.prefilled += n
 
     def _runs(self, work: list[tuple[Sequence, list[int], int]]) -> list[list[tuple[Sequence, list[int], int]]]:
         """work (sorted by slot) cut into units at gaps of empty rows whose padding would cost the first
