@@ -244,18 +244,11 @@ def gguf_int4(source: Any, name: str, spec: QuantSpec) -> dict[str, torch.Tensor
 # -- the module --------------------------------------------------------------------------------------
 
 
-def _int8(x2: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
-    """The engine's int8 kernel, called directly (eager; compiled steps go through the int8_linear op)."""
+def _own_kernels() -> Any:
+    """The engine's compiled kernels, for a module prepare() put on them (so they were built)."""
     kernels = blocked_kernels()
     assert kernels is not None
-    return kernels.int8_linear(x2, mod.qweight, mod.scales)  # type: ignore[no-any-return]
-
-
-def _int4(x2: torch.Tensor, mod: QuantLinear) -> torch.Tensor:
-    """The engine's int4 kernel, called directly (eager; compiled steps go through the int4_linear op)."""
-    kernels = blocked_kernels()
-    assert kernels is not None
-    return kernels.int4_linear(x2, mod.qweight, mod.scales, mod.spec.group_size)  # type: ignore[no-any-return]
+    return kernels
 
 
 class QuantLinear(nn.Module):
@@ -298,9 +291,8 @@ class QuantLinear(nn.Module):
         """Rows lo:hi of the int8 weight in [N, K] order (int8blk: whole blocks of 8 rows unblock alone)."""
         if self.kernel != "int8blk":
             return self.qweight[lo:hi]
-        kernels = blocked_kernels()
-        assert kernels is not None and lo % 8 == 0 and (hi % 8 == 0 or hi == self.out_features)
-        return kernels.unblock_weight(self.qweight[lo:hi])  # type: ignore[no-any-return]
+        assert lo % 8 == 0 and (hi % 8 == 0 or hi == self.out_features)
+        return _own_kernels().unblock_weight(self.qweight[lo:hi])  # type: ignore[no-any-return]
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers()) + (
@@ -309,9 +301,10 @@ class QuantLinear(nn.Module):
 
     def prepare(self, own_kernels: bool = True) -> None:
         """Re-lay the weights for this device's kernel (once, after loading and fusing). own_kernels:
-        int8 on CPU through the engine's kernel (model/csrc/cpu_linear.cpp) where it can be built,
-        else PyTorch's packed kernel. The engine's int8 layout is made in place: a qweight given to
-        from_tensors must not be shared with anything that still needs it in [out, in] order."""
+        int8 and int4 on CPU through the engine's kernels (model/csrc/cpu_linear.cpp) where they can
+        be built and the shape fits, else PyTorch's packed kernels. The engine's int8 layout is made
+        in place: a qweight given to from_tensors must not be shared with anything that still needs
+        it in [out, in] order."""
         if self.kernel != "generic":
             return
         if self.qweight.device.type == "cuda":
@@ -347,7 +340,6 @@ class QuantLinear(nn.Module):
         ):
             # Blocks of 64 output rows are independent in the kernel's layout: convert a block of rows at
             # a time (the int32 input is 8x the packed bytes).
-            n, k = self.out_features, self.in_features
             rows = n if n % _TORCH_INT4_ROWS else max(_TORCH_INT4_ROWS, QUANT_BLOCK_ELEMS // k // 64 * 64)
             packed = torch.cat([
                 torch.ops.aten._convert_weight_to_int4pack_for_cpu(
@@ -421,11 +413,13 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [rows, K]
         rows = x2.shape[0]
         few = rows <= KERNEL_MAX_ROWS
+        # The engine's kernels: called directly when eager, through their custom ops when compiled.
         if self.kernel == "int8blk" and few:
-            y = int8_linear(x2, self.qweight, self.scales) if torch.compiler.is_compiling() else _int8(x2, self)
+            int8 = int8_linear if torch.compiler.is_compiling() else _own_kernels().int8_linear
+            y = int8(x2, self.qweight, self.scales)
         elif self.kernel == "int4blk" and few:
-            g = self.spec.group_size
-            y = int4_linear(x2, self.qweight, self.scales, g) if torch.compiler.is_compiling() else _int4(x2, self)
+            int4 = int4_linear if torch.compiler.is_compiling() else _own_kernels().int4_linear
+            y = int4(x2, self.qweight, self.scales, self.spec.group_size)
         elif self.kernel == "int8cpu" and few:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16)
         elif self.kernel == "int4cpu" and (few or self.out_features % _TORCH_INT4_ROWS):
