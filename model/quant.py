@@ -192,16 +192,17 @@ def int4_blockable(n: int, k: int, group: int) -> bool:
 
 def int4_block_weight(t: dict[str, torch.Tensor], group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Canonical int4 -> (weight uint8 [N, K/2], scales and mins fp16 [N/16, K/group, 2, 16]) in the
-    engine's kernel layout: per block of 16 rows, per 32 inputs, 4 x (4 rows x 16 bytes), byte i of a
-    row holding input i in its low nibble and input i + 16 in its high one. Rows lo:hi of the weight
-    (lo, hi multiples of 16) are blocks lo/16:hi/16; a block of rows at a time keeps temporaries small."""
+    engine's kernel layout: per block of 16 rows, per 32 inputs, 4 vectors c of 16 rows x 4 bytes, byte
+    b of row r holding input 4c + b in its low nibble and input 16 + 4c + b in its high one. Rows lo:hi
+    of the weight (lo, hi multiples of 16) are blocks lo/16:hi/16; a block of rows at a time keeps
+    temporaries small."""
     qweight, scales, mins = t["qweight"], t["scales"], t["mins"]
     n, k = qweight.shape[0], qweight.shape[1] * 2
     rows = max(INT4_BLOCK_ROWS, QUANT_BLOCK_ELEMS // k // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
     parts = []
     for i in range(0, n, rows):
-        q = unpack_nibbles(qweight[i : i + rows]).view(-1, 4, 4, k // 32, 2, 16)  # (block, j, r, k/32, half, i)
-        parts.append((q[..., 0, :] | (q[..., 1, :] << 4)).permute(0, 3, 1, 2, 4).reshape(-1, k // 2))
+        q = unpack_nibbles(qweight[i : i + rows]).view(-1, 16, k // 32, 2, 4, 4)  # (block, r, k/32, half, c, b)
+        parts.append((q[:, :, :, 0] | (q[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4).reshape(-1, k // 2))
     packed = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
     sm = torch.stack([scales, mins]).to(torch.float16).view(2, n // 16, 16, k // group).permute(1, 3, 0, 2)
     return packed, sm.contiguous()
@@ -210,8 +211,8 @@ def int4_block_weight(t: dict[str, torch.Tensor], group: int) -> tuple[torch.Ten
 def int4_unblock_weight(packed: torch.Tensor, sm: torch.Tensor) -> dict[str, torch.Tensor]:
     """The inverse of int4_block_weight (whole blocks of rows)."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    p = packed.view(n // 16, k // 32, 4, 4, 16).permute(0, 2, 3, 1, 4)  # (block, j, r, k/32, i)
-    q = torch.stack([p & 15, p >> 4], dim=-2).reshape(n, k)
+    p = packed.view(n // 16, k // 32, 4, 16, 4).permute(0, 3, 1, 2, 4)  # (block, r, k/32, c, b)
+    q = torch.stack([p & 15, p >> 4], dim=3).reshape(n, k)  # (block, r, k/32, half, c, b)
     scales, mins = sm.permute(2, 0, 3, 1).reshape(2, n, sm.shape[1])
     return {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}
 
