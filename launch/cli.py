@@ -67,7 +67,7 @@ def validate(opts: RunOptions) -> None:
         raise ConfigError(f"--chunk_size must be >= 1, got {opts.chunk_size}")
     if opts.num_microbatches is not None and opts.num_microbatches < 1:
         raise ConfigError(f"--num_microbatches must be >= 1, got {opts.num_microbatches}")
-    if opts.group_size < 2 or opts.group_size % 2:
+    if opts.group_size is not None and (opts.group_size < 2 or opts.group_size % 2):
         raise ConfigError(f"--group_size must be an even number >= 2, got {opts.group_size}")
 
 

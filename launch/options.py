@@ -37,7 +37,9 @@ class RunOptions:
     # weight-only quantization of each stage's linears at load (int8 per channel, int4 group-wise);
     # unset: as the checkpoint is (a quantized checkpoint runs in its own format)
     quantize: str | None = field(default=None, choices=["none", "int8", "int4"])
-    group_size: int = 32  # int4 group size (input columns sharing a scale and zero point)
+    # input columns sharing a scale (and an int4 zero point); unset: 32 for int4, one scale per output
+    # channel for int8 (int8 with 32: GGUF Q8_0's layout, closer to the float model, 0.5 bit more a weight)
+    group_size: int | None = None
     # CPU bf16 linears: "blocked" = the engine's AVX512-BF16 kernel (weights streamed in blocks of 8 rows;
     # fastest at 1-2 rows a step: decode at batch 1-2; built once with the C++ compiler), "onednn" =
     # oneDNN's packed layout (faster from 3 rows: batched decode, prefill); auto: blocked when a decode
@@ -89,12 +91,15 @@ class MakeCheckpointOptions:
 class QuantizeOptions:
     """Write a weight-only quantized copy of a model (any format) as a native checkpoint: params.json
     with a `quantization` block, consolidated.safetensors, and the model's tokenizer. It loads with no
-    float copy of the linears; GGUF Q4_0 / Q4_1 tensors go into int4 (group 32) unchanged."""
+    float copy of the linears; GGUF Q4_0 / Q4_1 tensors go into int4 (group 32) and Q8_0 into int8 with
+    --group_size 32 unchanged."""
 
     model: str = field(positional=True)  # the model to quantize: native dir, Hugging Face dir or .gguf file
     out_dir: str = field(positional=True)  # where to write it (must not exist or be empty)
     quantize: str = field(default="", required=True, choices=["int8", "int4"])  # the format
-    group_size: int = 32  # int4 group size (input columns sharing a scale and zero point)
+    # input columns sharing a scale (and an int4 zero point); unset: 32 for int4, one scale per output
+    # channel for int8 (int8 with 32: GGUF Q8_0's layout, closer to the float model, 0.5 bit more a weight)
+    group_size: int | None = None
     # dtype of the tensors left unquantized (embedding, norms, router); unset: as stored (float32 for GGUF)
     dtype: str | None = field(default=None, choices=["float32", "bfloat16", "float16"])
 

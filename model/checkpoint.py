@@ -23,7 +23,7 @@ from model.formats.files import ST_TO_TORCH
 from model.quant import (
     QuantSpec,
     check_shape,
-    gguf_int4,
+    gguf_direct,
     install,
     is_quantizable,
     quantize,
@@ -123,10 +123,10 @@ def load_stage(
         if n in qnames:
             assert quant is not None
             spec = spec_for(n, quant)
-            direct = gguf_int4(source, n, spec) if stored is None and delta is None else None
+            direct = gguf_direct(source, n, spec) if stored is None and delta is None else None
             if stored is not None:
                 parts = {d.rpartition(".")[2]: source.get(d, None) for d in on_disk(n)}
-            elif direct is not None:  # GGUF Q4 blocks map straight in
+            elif direct is not None:  # GGUF Q4 / Q8_0 blocks map straight in
                 parts = direct
             else:  # read and quantized at once: one float tensor in memory
                 t = source.get(n, None if delta is None else torch.float32)
@@ -245,18 +245,19 @@ def write_quantized(
         check_shape(n, shape, sp)
         if sp.mode == "int8":
             entries[base + "qweight"] = ((rows, cols), torch.int8)
-            entries[base + "scales"] = ((rows,), torch.float32)
+            per_row = ((rows,), torch.float32)
+            entries[base + "scales"] = ((rows, cols // sp.group), torch.float16) if sp.group else per_row
         else:
             entries[base + "qweight"] = ((rows, cols // 2), torch.uint8)
-            entries[base + "scales"] = ((rows, cols // sp.group_size), torch.float16)
-            entries[base + "mins"] = ((rows, cols // sp.group_size), torch.float16)
+            entries[base + "scales"] = ((rows, cols // sp.group), torch.float16)
+            entries[base + "mins"] = ((rows, cols // sp.group), torch.float16)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         t0 = last = time.monotonic()
         for i, n in enumerate(shapes):
             if is_quantizable(n):
                 sp = spec_for(n, spec)
-                parts = gguf_int4(source, n, sp) or quantize(source.get(n, None), sp)
+                parts = gguf_direct(source, n, sp) or quantize(source.get(n, None), sp)
                 for s, v in parts.items():
                     yield n.removesuffix("weight") + s, v
             else:

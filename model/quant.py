@@ -3,7 +3,11 @@ kernels (the engine's own and PyTorch's).
 
 Formats (canonical: what a quantized checkpoint stores and what load_stage builds, tensor by tensor):
   int8  per output channel, symmetric:  w[n, k] = qweight[n, k] * scales[n]
-        qweight int8 [N, K], scales float32 [N]
+        qweight int8 [N, K], scales float32 [N]  (the default)
+        or group-wise (--group_size G):     w[n, k] = qweight[n, k] * scales[n, k // G]
+        scales float16 [N, K/G]. GGUF Q8_0 (block 32: w = q d) maps onto G = 32 exactly. On a small
+        model whose weights carry little redundancy per-channel scales cost ~3% perplexity where
+        groups of 32 cost none (SmolLM2-135M; tests/test_quant.py), for 0.5 bit more a weight.
   int4  group-wise with a zero point:   w[n, k] = q[n, k] * scales[n, g] + mins[n, g],  g = k // group
         q in 0..15 packed two per byte: qweight uint8 [N, K/2], column 2j in the low nibble, 2j+1 high;
         scales, mins float16 [N, K/group]. GGUF Q4_0 (w = (q - 8) d) and Q4_1 (w = q d + m), block 32,
@@ -16,7 +20,8 @@ saves memory but no time), the norms and the MoE router (tiny, and routing is se
 
 Kernels (QuantLinear.prepare, once after load and after fusing), on CPU:
   int8  the engine's kernel (model/csrc/cpu_linear.cpp, "int8blk": int8 weights in blocks of 8 rows,
-        fp32 activations and sums), else PyTorch's aten._weight_int8pack_mm ("int8cpu", bf16).
+        fp32 activations and sums; group-wise, each weight vector times its scale first), else
+        PyTorch's aten._weight_int8pack_mm ("int8cpu", bf16; per channel only: group-wise dequantizes).
   int4  the engine's kernel ("int4blk", int4_block_weight's layout): x quantized to int8 per group
         inside the kernel and multiplied into the int4 weights with AVX512-VNNI integer dot
         products, as llama.cpp does (its Q4 x Q8 dot products); 1.25-1.4x PyTorch's
@@ -24,7 +29,8 @@ Kernels (QuantLinear.prepare, once after load and after fusing), on CPU:
         2-2.5x from 2 rows (scripts/quant_kernels.py). Out features a multiple of 16, groups of 32n.
   --cpu_linear onednn keeps PyTorch's kernels for both. For many rows (prefill, over KERNEL_MAX_ROWS)
   the weight is dequantized a block of rows at a time and multiplied by F.linear instead.
-Other devices (CUDA): int8 as x @ q^T then the scales; int4 on PyTorch's tinygemm kernel (sm80+).
+Other devices (CUDA): int8 per channel as x @ q^T then the scales (group-wise: dequantized); int4 on
+PyTorch's tinygemm kernel (sm80+).
 """
 
 from __future__ import annotations
@@ -58,28 +64,38 @@ QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows
 @dataclass(frozen=True)
 class QuantSpec:
     mode: str  # "int8" or "int4"
-    group_size: int = DEFAULT_GROUP_SIZE  # int4 only
+    # Inputs sharing a scale. None: the format's default, 32 for int4 and 0 (per output channel) for int8.
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("int8", "int4"):
             raise ConfigError(f"unknown quantization {self.mode!r}; choose from {', '.join(MODES)}")
-        if self.group_size < 2 or self.group_size % 2:
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", DEFAULT_GROUP_SIZE if self.mode == "int4" else 0)
+        elif self.group_size < 2 or self.group_size % 2:
             raise ConfigError(f"--group_size must be an even number >= 2, got {self.group_size}")
 
+    @property
+    def group(self) -> int:
+        """Inputs sharing a scale; 0 for int8 per output channel."""
+        assert self.group_size is not None
+        return self.group_size
+
     def to_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "group_size": self.group_size} if self.mode == "int4" else {"mode": self.mode}
+        return {"mode": self.mode, "group_size": self.group} if self.group else {"mode": self.mode}
 
     def describe(self) -> str:
-        return f"int4 (group {self.group_size})" if self.mode == "int4" else self.mode
+        return f"{self.mode} (group {self.group})" if self.group else self.mode
 
     @classmethod
     def from_dict(cls, raw: Any, where: str) -> QuantSpec:
         if not isinstance(raw, dict) or raw.get("mode") not in ("int8", "int4"):
             raise ConfigError(f"{where}: 'quantization' must be {{\"mode\": \"int8\"|\"int4\", \"group_size\": N}}")
-        return cls(raw["mode"], int(raw.get("group_size", DEFAULT_GROUP_SIZE)))
+        group = raw.get("group_size")
+        return cls(raw["mode"], None if group is None else int(group))
 
 
-def parse_quantize(mode: str | None, group_size: int = DEFAULT_GROUP_SIZE) -> QuantSpec | None:
+def parse_quantize(mode: str | None, group_size: int | None = None) -> QuantSpec | None:
     """--quantize as given: None when unset or 'none'."""
     if mode is None or mode == "none":
         return None
@@ -94,7 +110,7 @@ def is_quantizable(name: str) -> bool:
 
 
 def spec_for(name: str, spec: QuantSpec) -> QuantSpec:
-    """The output head is int8 at most."""
+    """The output head is int8 at most (per output channel where the rest is int4)."""
     return QuantSpec("int8") if name == "output.weight" and spec.mode == "int4" else spec
 
 
@@ -103,10 +119,11 @@ def suffixes(mode: str) -> tuple[str, ...]:
 
 
 def check_shape(name: str, shape: tuple[int, ...], spec: QuantSpec) -> None:
-    if spec.mode == "int4" and shape[1] % spec.group_size:
+    if spec.group and shape[1] % spec.group:
+        other = "--quantize int8" if spec.mode == "int4" else "--quantize int8 without --group_size"
         raise ConfigError(
-            f"{name}: input dimension {shape[1]} is not a multiple of the int4 group size {spec.group_size}; "
-            f"choose a --group_size that divides it (e.g. {_divisor_hint(shape[1])}) or use --quantize int8"
+            f"{name}: input dimension {shape[1]} is not a multiple of the {spec.mode} group size {spec.group}; "
+            f"choose a --group_size that divides it (e.g. {_divisor_hint(shape[1])}) or use {other}"
         )
 
 
@@ -130,12 +147,18 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
 def _quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     w = w.detach().float()
-    if spec.mode == "int8":
+    n, k = w.shape
+    g = spec.group
+    if spec.mode == "int8" and not g:
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [N]
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         return {"qweight": q, "scales": scales}
-    n, k = w.shape
-    g = spec.group_size
+    if spec.mode == "int8":  # the scale rounded to float16 first, so q is computed against what is stored
+        wg = w.view(n, k // g, g)
+        s16 = (wg.abs().amax(-1) / 127).to(torch.float16)  # [N, K/g]
+        s16 = torch.where(s16 > 0, s16, torch.ones_like(s16))
+        q = torch.round(wg / s16.float()[..., None]).clamp(-127, 127).to(torch.int8)
+        return {"qweight": q.view(n, k), "scales": s16}
     wg = w.view(n, k // g, g)
     lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/g]
     # Round scale and offset to their stored precision first, so q is computed against what is stored.
@@ -148,8 +171,12 @@ def _quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
 
 def dequantize(t: dict[str, torch.Tensor], mode: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The canonical tensors -> the weight [N, K] in dtype."""
-    if mode == "int8":
+    if mode == "int8" and t["scales"].dim() == 1:
         return (t["qweight"].to(dtype) * t["scales"].to(dtype)[:, None]).to(dtype)
+    if mode == "int8":
+        n, k = t["qweight"].shape
+        s = t["scales"].float()
+        return (t["qweight"].view(n, s.shape[1], -1).float() * s[..., None]).view(n, k).to(dtype)
     q = unpack_nibbles(t["qweight"])  # [N, K] uint8
     n, k = q.shape
     groups = t["scales"].shape[1]
@@ -172,10 +199,12 @@ def error_bound(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Largest |w - dequantize(quantize(w))| allowed per row [N]: half a step (plus float16 rounding of
     the int4 scale and offset, a few units in the last place of each)."""
     w = w.float()
-    if spec.mode == "int8":
+    if spec.mode == "int8" and not spec.group:
         return w.abs().amax(1) / 127 / 2 * (1 + 1e-5)
     n, k = w.shape
-    wg = w.view(n, k // spec.group_size, spec.group_size)
+    wg = w.view(n, k // spec.group, spec.group)
+    if spec.mode == "int8":  # half a step of the float16 scale (relative error <= 2^-11), or its clamp
+        return (wg.abs().amax(-1) / 127 / 2 * (1 + 2e-3) + 2**-24 * 64).amax(1)
     step = (wg.amax(-1) - wg.amin(-1)) / 15  # [N, K/g]
     slack = 2e-3 * wg.abs().amax(-1)  # float16 scale/min rounding, times up to 15 steps
     return (step / 2 + slack).amax(1) * (1 + 1e-5)
@@ -217,22 +246,28 @@ def int4_unblock_weight(packed: torch.Tensor, sm: torch.Tensor) -> dict[str, tor
     return {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}
 
 
-# -- GGUF blocks straight into the int4 format --------------------------------------------------------
+# -- GGUF blocks straight into the int4 and int8 formats ---------------------------------------------
 
 
-def gguf_int4(source: Any, name: str, spec: QuantSpec) -> dict[str, torch.Tensor] | None:
-    """A GGUF Q4_0 / Q4_1 tensor as canonical int4 without a float detour, when spec's group is the
-    block size (32); None when the tensor is stored otherwise (the caller quantizes the float)."""
-    if spec.mode != "int4" or spec.group_size != 32 or getattr(source, "kind", "") != "gguf":
+def gguf_direct(source: Any, name: str, spec: QuantSpec) -> dict[str, torch.Tensor] | None:
+    """A GGUF Q4_0 / Q4_1 tensor as canonical int4, or a Q8_0 tensor as canonical group-wise int8,
+    without a float detour, when spec's group is the block size (32); None when the tensor is stored
+    otherwise (the caller quantizes the float)."""
+    if spec.group != 32 or getattr(source, "kind", "") != "gguf":
         return None
     from gguf import GGMLQuantizationType as Q
 
     entry = getattr(source, "_map", {}).get(name)
-    if entry is None or entry[0].tensor_type not in (Q.Q4_0, Q.Q4_1):
+    types = (Q.Q4_0, Q.Q4_1) if spec.mode == "int4" else (Q.Q8_0,)
+    if entry is None or entry[0].tensor_type not in types:
         return None
     t, expert = entry
     raw = np.array(t.data if expert is None else t.data[expert])  # a copy: never a view of the mapped file
     n, k = source.shape(name)
+    if spec.mode == "int8":  # Q8_0: fp16 d, then 32 int8
+        blocks = torch.from_numpy(raw.reshape(n, k // 32, 34))
+        d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)  # [N, K/32]
+        return {"qweight": blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), "scales": d.clone()}
     head = 2 if t.tensor_type == Q.Q4_0 else 4  # fp16 d (and fp16 m) before 16 bytes of nibbles
     blocks = torch.from_numpy(raw.reshape(n, k // 32, head + 16))
     d = blocks[..., 0:2].contiguous().view(torch.float16).squeeze(-1)  # [N, K/32]
@@ -261,10 +296,11 @@ class QuantLinear(nn.Module):
         n, k = out_features, in_features
         if spec.mode == "int8":
             self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.empty(n, dtype=torch.float32, device=device))
+            shape, dtype = ((n, k // spec.group), torch.float16) if spec.group else ((n,), torch.float32)
+            self.register_buffer("scales", torch.empty(shape, dtype=dtype, device=device))
         else:
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
-            g = k // spec.group_size
+            g = k // spec.group
             self.register_buffer("scales", torch.empty(n, g, dtype=torch.float16, device=device))
             self.register_buffer("mins", torch.empty(n, g, dtype=torch.float16, device=device))
         self.qweight: torch.Tensor
@@ -285,8 +321,16 @@ class QuantLinear(nn.Module):
     def canonical(self) -> dict[str, torch.Tensor]:
         assert self.kernel == "generic" or self.spec.mode == "int8", "int4 weights were re-laid out for the kernel"
         if self.kernel == "int8blk":
-            return {"qweight": self._int8_rows(0, self.out_features), "scales": self.scales}
+            n = self.out_features
+            return {"qweight": self._int8_rows(0, n), "scales": self._int8_scales(0, n)}
         return {s: getattr(self, s) for s in suffixes(self.spec.mode)}
+
+    def _int8_scales(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows lo:hi of the int8 scales in canonical order (int8blk group-wise: [N/8, K/g, 8] blocks)."""
+        if self.kernel != "int8blk" or not self.spec.group:
+            return self.scales[lo:hi]
+        b = self.scales[lo // 8 : -(-hi // 8)]
+        return b.transpose(1, 2).reshape(-1, b.shape[1])[: hi - lo]
 
     def _int8_rows(self, lo: int, hi: int) -> torch.Tensor:
         """Rows lo:hi of the int8 weight in [N, K] order (int8blk: whole blocks of 8 rows unblock alone)."""
@@ -314,11 +358,12 @@ class QuantLinear(nn.Module):
         if self.qweight.device.type != "cpu":
             return
         n, k = self.out_features, self.in_features
-        fits = self.spec.mode == "int8" and own_kernels and n % 8 == 0 and k % 32 == 0
-        fits4 = self.spec.mode == "int4" and own_kernels and int4_blockable(n, k, self.spec.group_size)
+        g = self.spec.group
+        fits = self.spec.mode == "int8" and own_kernels and n % 8 == 0 and k % 32 == 0 and g % 32 == 0
+        fits4 = self.spec.mode == "int4" and own_kernels and int4_blockable(n, k, self.spec.group)
         kernels = blocked_kernels(log=True) if fits or fits4 else None
         if kernels is not None and fits4:
-            self.qweight, self.scales = int4_block_weight(self.canonical(), self.spec.group_size)
+            self.qweight, self.scales = int4_block_weight(self.canonical(), self.spec.group)
             self.mins = torch.empty(0)
             self.kernel = "int4blk"
         elif kernels is not None:
@@ -329,14 +374,17 @@ class QuantLinear(nn.Module):
             q = q if owned and q.is_contiguous() else q.contiguous().clone()
             kernels.block_weight_(q)
             self.qweight = q
-            self.scales = self.scales.float().contiguous()
+            if g:  # the scales of a block's 8 rows together, group by group: [N/8, K/g, 8]
+                self.scales = self.scales.view(n // 8, 8, k // g).transpose(1, 2).contiguous()
+            else:
+                self.scales = self.scales.float().contiguous()
             self.kernel = "int8blk"
-        elif self.spec.mode == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        elif self.spec.mode == "int8" and not g and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             self._scales_bf16 = self.scales.to(torch.bfloat16)
             self.kernel = "int8cpu"
         elif (
             self.spec.mode == "int4"
-            and self.spec.group_size in INT4_KERNEL_GROUPS  # others dequantize
+            and self.spec.group in INT4_KERNEL_GROUPS  # others dequantize
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
         ):
             # Blocks of 64 output rows are independent in the kernel's layout: convert a block of rows at
@@ -365,9 +413,10 @@ class QuantLinear(nn.Module):
         of the scaled weight). int4: PyTorch's tinygemm kernel (_weight_int4pack_mm, bf16, sm80+),
         which computes (q - 8) * scale + zero like the CPU kernel, on a layout made from the
         canonical nibbles (element 2j in the high nibble of byte j, as the kernel's packer takes them)."""
-        n, k, g = self.out_features, self.in_features, self.spec.group_size
+        n, k, g = self.out_features, self.in_features, self.spec.group
         if self.spec.mode == "int8":
-            self.kernel = "int8cuda"
+            if not g:  # group-wise: the dequantizing path
+                self.kernel = "int8cuda"
             return
         tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), 0)
         major, _ = torch.cuda.get_device_capability(self.qweight.device)
@@ -385,7 +434,7 @@ class QuantLinear(nn.Module):
     def _weight(self, dtype: torch.dtype, lo: int, hi: int) -> torch.Tensor:
         """Output rows lo:hi of the weight, dequantized to dtype [hi - lo, K]."""
         if self.kernel == "int8blk":
-            return dequantize({"qweight": self._int8_rows(lo, hi), "scales": self.scales[lo:hi]}, "int8", dtype)
+            return dequantize({"qweight": self._int8_rows(lo, hi), "scales": self._int8_scales(lo, hi)}, "int8", dtype)
         if self.kernel == "int4blk":
             blocks = self.scales[lo // INT4_BLOCK_ROWS : -(-hi // INT4_BLOCK_ROWS)]
             return dequantize(int4_unblock_weight(self.qweight[lo:hi], blocks), "int4", dtype)
@@ -398,7 +447,7 @@ class QuantLinear(nn.Module):
         q = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
         assert self._sz is not None
         sz = self._sz[:, lo:hi].float()  # [K/g, n, 2]; float32: zero ~ 8 scales, bf16 would cancel badly
-        g = self.spec.group_size
+        g = self.spec.group
         w = (q.view(n, k // g, g).float() - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]
         return w.view(n, k).to(dtype)
 
@@ -417,19 +466,19 @@ class QuantLinear(nn.Module):
         # The engine's kernels: called directly when eager, through their custom ops when compiled.
         if self.kernel == "int8blk" and few:
             int8 = int8_linear if torch.compiler.is_compiling() else _own_kernels().int8_linear
-            y = int8(x2, self.qweight, self.scales)
+            y = int8(x2, self.qweight, self.scales, self.spec.group)
         elif self.kernel == "int4blk" and few:
             int4 = int4_linear if torch.compiler.is_compiling() else _own_kernels().int4_linear
-            y = int4(x2, self.qweight, self.scales, self.spec.group_size)
+            y = int4(x2, self.qweight, self.scales, self.spec.group)
         elif self.kernel == "int8cpu" and few:
             y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, self._scales_bf16)
         elif self.kernel == "int4cpu" and (few or self.out_features % _TORCH_INT4_ROWS):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group_size, self._sz
+                x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group, self._sz
             )
         elif self.kernel == "int4cuda":
             y = torch.ops.aten._weight_int4pack_mm(
-                x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group_size, self._sz
+                x2.to(torch.bfloat16).contiguous(), self.qweight, self.spec.group, self._sz
             )
         elif self.kernel == "int8cuda":
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
@@ -505,15 +554,15 @@ def weight_bytes(model: nn.Module) -> int:
 
 def tensor_bytes(name: str, shape: tuple[int, ...], elem_bytes: int, spec: QuantSpec | None) -> int:
     """Bytes a checkpoint tensor takes in a stage: float elements, or the quantized format's data and
-    scales (int8: a byte per weight + an fp32 scale per row; int4: half a byte + fp16 scale and zero
-    per group) for the linears quantization converts."""
+    scales (int8: a byte per weight + an fp32 scale per row or an fp16 scale per group; int4: half a
+    byte + fp16 scale and zero per group) for the linears quantization converts."""
     n = math.prod(shape)
     if spec is None or not is_quantizable(name):
         return n * elem_bytes
     spec = spec_for(name, spec)
     if spec.mode == "int8":
-        return n + 4 * shape[0]
-    return n // 2 + 4 * (n // spec.group_size)
+        return n + (2 * (n // spec.group) if spec.group else 4 * shape[0])
+    return n // 2 + 4 * (n // spec.group)
 
 
 # -- the quantization block of a checkpoint ---------------------------------------------------------
@@ -538,7 +587,7 @@ def resolve(source: Any, requested: QuantSpec | None, flag_given: bool) -> Quant
         want = requested.describe() if requested is not None else "none"
         raise ConfigError(
             f"{source.path} is quantized {stored.describe()} but --quantize asks for {want}; run it with "
-            f"--quantize {stored.mode}{f' --group_size {stored.group_size}' if stored.mode == 'int4' else ''} "
+            f"--quantize {stored.mode}{f' --group_size {stored.group}' if stored.group else ''} "
             f"(or leave --quantize out), or quantize the original float model"
         )
     return stored

@@ -7,6 +7,7 @@ GB/s of weight bytes read, median and best over the rounds.
 
 Kernels (QuantLinear.kernel): int4blk (the engine's: int8 activations x int4 weights, AVX512-VNNI),
 int4cpu (PyTorch's _weight_int4pack_mm_for_cpu, bf16 activations), int8blk (the engine's int8),
+int8grp (the same kernel with an fp16 scale per --group inputs, GGUF Q8_0's layout at 32),
 bf16 (the engine's AVX512-BF16 kernel, --cpu_linear blocked).
 """
 
@@ -37,10 +38,11 @@ def build(kind: str, layers: int, group: int) -> list[nn.Module]:
                 block_linears(lin)
                 mods.append(lin)
                 continue
-            spec = QuantSpec("int8") if kind == "int8blk" else QuantSpec("int4", group)
+            specs = {"int8blk": QuantSpec("int8"), "int8grp": QuantSpec("int8", group)}
+            spec = specs.get(kind, QuantSpec("int4", group))
             mod = QuantLinear.from_tensors(quantize(w, spec), spec, k)
             mod.prepare(own_kernels=kind != "int4cpu")
-            assert mod.kernel == kind, (mod.kernel, kind)
+            assert mod.kernel == kind.replace("int8grp", "int8blk"), (mod.kernel, kind)
             mods.append(mod)
     return mods
 

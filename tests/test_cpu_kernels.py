@@ -70,7 +70,9 @@ def test_kernel_rejects_what_it_cannot_take(kernels) -> None:  # noqa: ANN001
     with pytest.raises(RuntimeError, match="bf16 weight"):
         kernels.blocked_linear(torch.zeros(1, 64, dtype=torch.bfloat16), kernels.block_weight(torch.zeros(8, 64)))
     with pytest.raises(RuntimeError, match="int8 weight"):
-        kernels.int8_linear(torch.zeros(1, 64), torch.zeros(8, 64), torch.ones(8))
+        kernels.int8_linear(torch.zeros(1, 64), torch.zeros(8, 64), torch.ones(8), 0)
+    with pytest.raises(RuntimeError, match="group of 32n"):
+        kernels.int8_linear(torch.zeros(1, 64), torch.zeros(8, 64, dtype=torch.int8), torch.ones(8, 4).half(), 16)
     wb = kernels.block_weight(torch.zeros(8, 64, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="in features"):
         kernels.blocked_linear(torch.zeros(1, 32, dtype=torch.bfloat16), wb)
@@ -158,14 +160,20 @@ def test_engine_picks_the_kernel_and_two_stages_give_one_stage_tokens(kernels, t
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("n", "k"), [(8, 32), (200, 544), (1024, 4096)])
+@pytest.mark.parametrize(("n", "k", "group"), [(8, 32, 0), (200, 544, 0), (1024, 4096, 0), (8, 32, 32),
+                                              (200, 544, 32), (1024, 4096, 64), (48, 384, 128)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_kernel_matches_float64_and_is_batch_invariant(kernels, n: int, k: int, dtype: torch.dtype) -> None:  # noqa: ANN001
+def test_int8_kernel_matches_float64_and_is_batch_invariant(kernels, n: int, k: int, group: int,  # noqa: ANN001
+                                                            dtype: torch.dtype) -> None:
+    """Per output channel (group 0) and group-wise: against the weight written out in float64 from
+    the canonical tensors, and every prefix of the batch against the batch."""
     from model.quant import QuantLinear, QuantSpec, quantize
 
-    spec = QuantSpec("int8")
+    spec = QuantSpec("int8", group or None)
     g = torch.Generator().manual_seed(n + k)
-    canonical = quantize(torch.randn(n, k, generator=g) / k**0.5, spec)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    w[: n // 2, : k // 2] *= 30  # groups (and rows) of very different magnitude
+    canonical = quantize(w, spec)
     mod = QuantLinear.from_tensors({n: t.clone() for n, t in canonical.items()}, spec, k)  # prepare re-lays in place
     mod.prepare()
     assert mod.kernel == "int8blk"
@@ -173,14 +181,17 @@ def test_int8_kernel_matches_float64_and_is_batch_invariant(kernels, n: int, k: 
     x = torch.randn(7, k, generator=g).to(dtype)
     y = mod(x)
     assert y.dtype == dtype and y.shape == (7, n)
-    w = canonical["qweight"].double() * canonical["scales"].double()[:, None]
-    exact = x.double() @ w.T  # the independent reference
+    s = canonical["scales"].double()
+    q = canonical["qweight"].double()
+    w64 = q * s[:, None] if not group else (q.view(n, k // group, group) * s[..., None]).view(n, k)
+    exact = x.double() @ w64.T  # the independent reference
     # fp32 products and sums (float32 output: fp32 accumulation only; bf16 output: its final rounding)
-    bound = exact.abs() * (2.0**-8 if dtype == torch.bfloat16 else 0) + 1e-6 * k
+    scale = x.double().abs() @ w64.abs().T
+    bound = exact.abs() * (2.0**-8 if dtype == torch.bfloat16 else 0) + 1e-6 * scale
     assert ((y.double() - exact).abs() <= bound).all()
-    raw = kernels.int8_linear(x, mod.qweight, mod.scales)
+    raw = kernels.int8_linear(x, mod.qweight, mod.scales, group)
     for m in range(1, 8):
-        assert torch.equal(kernels.int8_linear(x[:m], mod.qweight, mod.scales), raw[:m])
+        assert torch.equal(kernels.int8_linear(x[:m], mod.qweight, mod.scales, group), raw[:m])
 
 
 @pytest.mark.timeout(60)

@@ -105,11 +105,11 @@ def test_compiled_two_stages_give_one_eager_process_tokens(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode,group", [("int8", 32), ("int4", 32), ("int4", 16)])
+@pytest.mark.parametrize("mode,group", [("int8", 0), ("int8", 32), ("int4", 32), ("int4", 16)])
 def test_compiled_decode_with_quantized_linears_gives_the_eager_tokens(tmp_path: Path, mode: str, group: int) -> None:
-    """--compile with --quantize (CPU packed int8/int4 kernels inside the compiled step; int4 with a
-    group size the kernel lacks dequantizes), through the command line, against the same
-    quantization eager."""
+    """--compile with --quantize (CPU packed int8/int4 kernels inside the compiled step: int8 per
+    channel and group-wise; int4 with a group size the kernel lacks dequantizes), through the command
+    line, against the same quantization eager."""
     model_dir = write_model(tmp_path / "m", CONFIGS["dense"])
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"tokens": p}) + "\n" for p in prompts(lengths=(5, 19))))
@@ -117,9 +117,9 @@ def test_compiled_decode_with_quantized_linears_gives_the_eager_tokens(tmp_path:
     for flag in ("--nocompile", "--compile"):
         out = tmp_path / f"{flag}.jsonl"
         r = subprocess.run([sys.executable, "-m", "launch", "generate", str(model_dir), "--input", str(inp),
-                            "--output", str(out), "--max_tokens", "12", "--quantize", mode, "--group_size", str(group),
-                            "--dtype", "bfloat16", flag], cwd=REPO, env=base_env(), capture_output=True, text=True,
-                           timeout=240)  # fmt: skip
+                            "--output", str(out), "--max_tokens", "12", "--quantize", mode,
+                            *(["--group_size", str(group)] if group else []), "--dtype", "bfloat16", flag],
+                           cwd=REPO, env=base_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
         assert r.returncode == 0, r.stderr[-2000:]
         outs[flag] = out.read_text()
     assert outs["--compile"] == outs["--nocompile"]

@@ -291,3 +291,27 @@ def test_rope_scaling_none_or_linear_factor_one_is_accepted(tmp_path: Path) -> N
         path = tmp_path / f"{i}.gguf"
         write_gguf(path, SMALL, kv={"llama.rope.scaling.type": kind, "llama.rope.scaling.factor": 1.0})
         assert GGUFSource(path).args.rope_theta == 500000.0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("qtype", "mode"), [(Q.Q8_0, "int8"), (Q.Q4_0, "int4"), (Q.Q4_1, "int4")],
+                         ids=lambda v: getattr(v, "name", v))  # fmt: skip
+def test_gguf_blocks_map_straight_into_the_quantized_formats(tmp_path: Path, qtype: Q, mode: str) -> None:
+    """Q8_0 into int8 with groups of 32, Q4_0 / Q4_1 into int4 (group 32): the weights the engine holds
+    are exactly what the gguf package dequantizes from the file (a float detour and requantizing would
+    round them again), including stacked experts."""
+    from model.quant import QuantLinear, QuantSpec, dequantize
+
+    for params in (SMALL, MOE):
+        path = tmp_path / f"{mode}-{qtype.name}-{len(params)}.gguf"
+        ref = write_gguf(path, params, qtype)
+        stage = load_stage(GGUFSource(path), dtype=torch.float32, quant=QuantSpec(mode, 32))
+        checked = 0
+        for name, mod in stage.named_modules():
+            key = name + ".weight"
+            if not isinstance(mod, QuantLinear) or (key == "output.weight" and mode == "int4"):  # head: int8
+                continue
+            assert mod.spec == QuantSpec(mode, 32)
+            assert torch.equal(dequantize(mod.canonical(), mode), ref[key]), key
+            checked += 1
+        assert checked >= 7 * params["n_layers"]

@@ -31,7 +31,7 @@ from model.quant import (
 )
 
 TEXT = REPO / "tests" / "data" / "declaration-of-independence.txt"
-SPECS = [QuantSpec("int8"), QuantSpec("int4", 32), QuantSpec("int4", 64)]
+SPECS = [QuantSpec("int8"), QuantSpec("int8", 32), QuantSpec("int4", 32), QuantSpec("int4", 64)]
 
 
 def heavy_tailed(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -71,7 +71,10 @@ def test_cpu_kernels_match_dequantized(spec: QuantSpec, rows: int, dtype: torch.
     ref = x.float() @ dequantize(mod.canonical(), spec.mode).T
     generic = mod(x)
     mod.prepare(own_kernels=own)
-    assert mod.kernel in (("int8blk", "int8cpu", "int4blk") if own else ("int8cpu",)) + ("int4cpu",)
+    if spec.mode == "int8" and spec.group and not own:
+        assert mod.kernel == "generic"  # PyTorch's int8 kernel takes per-channel scales only: dequantized
+    else:
+        assert mod.kernel in (("int8blk", "int8cpu", "int4blk") if own else ("int8cpu",)) + ("int4cpu",)
     if spec.mode == "int8":  # the canonical tensors come back from any layout (int4 keeps none)
         assert all(torch.equal(a, b) for a, b in zip(mod.canonical().values(), quantize(w, spec).values(), strict=True))
     fast = mod(x)
@@ -97,14 +100,17 @@ def test_blocked_dequantized_prefill(mode: str) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("cfg", ["dense", "moe"])
-@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "int8-g32", "int4"])
 def test_checkpoint_round_trip(tmp_path: Path, cfg: str, mode: str) -> None:
     """quantize -> a native checkpoint whose tensors are exactly those quantized at load, and the same
     tokens from both; fused (wqkv, w13) and unfused quantized linears give the same tokens."""
     src = write_model(tmp_path / "src", CONFIGS[cfg])
-    spec = QuantSpec(mode)
+    spec = QuantSpec("int8", 32) if mode == "int8-g32" else QuantSpec(mode)
+    mode = spec.mode
     out = write_quantized(open_source(src), tmp_path / "q", spec)
-    assert json.loads((out / "params.json").read_text())["quantization"]["mode"] == mode
+    block = json.loads((out / "params.json").read_text())["quantization"]
+    assert block == ({"mode": "int8", "group_size": 32} if spec.group == 32 and mode == "int8" else block)
+    assert block["mode"] == mode and load_stage(out).layers["0"].attention.wq.spec == spec
     on_the_fly, stored = load_stage(src, quant=spec), load_stage(out)
     sd1, sd2 = on_the_fly.state_dict(), stored.state_dict()
     assert sd1.keys() == sd2.keys()
@@ -214,9 +220,9 @@ def _perplexity(stage: torch.nn.Module, tokens: list[int]) -> float:
 @needs_smollm2
 @pytest.mark.timeout(600)
 def test_smollm2_perplexity_and_agreement() -> None:
-    """int4 within 5% of bf16's perplexity on a public-domain text; int8 within 5% (the issue asks 1%:
-    per-channel int8 of this model's Q4_1-derived weights measures +3.6-4.2%, see docs/benchmarks.md);
-    greedy tokens agree with bf16 on most prompts."""
+    """int8 with groups of 32 within 1% of bf16's perplexity on a public-domain text, int4 within 5%;
+    int8 per output channel (the default) within 5%: this model's Q4_1-derived weights lose +3-4% to
+    one scale per row (see docs/benchmarks.md). Greedy tokens agree with bf16 on most prompts."""
     assert GGUF is not None
     source = open_source(GGUF)
     tok = source.tokenizer()
@@ -226,16 +232,18 @@ def test_smollm2_perplexity_and_agreement() -> None:
     texts = ["The capital of France is", "Once upon a time", "def add(a, b):\n    return", "Water boils at",
              "The largest planet in the solar system is", "My favourite colour is"]
     ps = [tok.encode(t) for t in texts]
-    for name, spec in [("bf16", None), ("int8", QuantSpec("int8")), ("int4", QuantSpec("int4"))]:
+    for name, spec in [("bf16", None), ("int8", QuantSpec("int8")), ("int8-g32", QuantSpec("int8", 32)),
+                       ("int4", QuantSpec("int4"))]:
         stage = load_stage(source, dtype=torch.bfloat16, quant=spec)
         ppl[name] = _perplexity(stage, tokens)
         gen[name] = Pipeline(stage, 0, 1, torch.device("cpu"), None).generate(ps, GenerationParams(max_tokens=8,
                                                                                                     eos_ids=()))
     print("perplexity", ppl)
     assert 5 < ppl["bf16"] < 60  # a trained model on English
+    assert ppl["int8-g32"] <= 1.01 * ppl["bf16"], ppl
     assert ppl["int8"] <= 1.05 * ppl["bf16"], ppl
     assert ppl["int4"] <= 1.05 * ppl["bf16"], ppl
-    for name in ("int8", "int4"):
+    for name in ("int8", "int8-g32", "int4"):
         same = sum(a == b for a, b in zip(gen[name], gen["bf16"], strict=True))
         first = sum(a[:4] == b[:4] for a, b in zip(gen[name], gen["bf16"], strict=True))
         print(name, f"identical 8-token continuations {same}/{len(ps)}, first 4 tokens {first}/{len(ps)}")

@@ -57,30 +57,41 @@ inline void rows_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_
     for (int r = 0; r < RB; ++r) y[m * ldy + r] = c10::BFloat16(reduce(acc[m][r]));
 }
 
-// int8 weights (W = q * scale[row]) in the same blocked layout, 32 bytes per row per k-step; x in fp32.
-// Each row's 32 weights become two fp32 vectors (exact), multiplied into the 16 lanes of its accumulator;
-// the scale is applied once, to the finished sum.
-template <int MR>
-inline void int8_rows_block(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale, float* y,
-                            int64_t ldy) {
+// int8 weights in the same blocked layout, 32 bytes per row per k-step; x in fp32. Each row's 32 weights
+// become two fp32 vectors (exact), multiplied into the 16 lanes of its accumulator. Per output channel
+// (W = q * scale[row]) the scale is applied once, to the finished sum. Group-wise (W = q * s[row, g],
+// s fp16, G inputs a group, G a multiple of 32) each converted weight vector is first multiplied by its
+// scale: q * s is exact in fp32 (8 x 11 significant bits), so the sum is over the exact weights.
+template <int MR, bool GROUPED>
+inline void int8_rows_block(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale,
+                            const uint16_t* gscale, int64_t G, float* y, int64_t ldy) {
   __m512 acc[MR][RB];
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
+  alignas(32) float gs[RB];
   for (int64_t k = 0; k < K; k += KS) {
+    if (GROUPED && k % G == 0) {  // the block's 8 scales of this group: [N / 8][K / G][8] fp16
+      _mm256_store_ps(gs, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gscale))));
+      gscale += RB;
+    }
     __m512 xl[MR], xh[MR];
     for (int m = 0; m < MR; ++m) {
       xl[m] = _mm512_loadu_ps(x + m * ldx + k);
       xh[m] = _mm512_loadu_ps(x + m * ldx + k + 16);
     }
     for (int r = 0; r < RB; ++r, w += KS) {
-      const __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
-      const __m512 wh =
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+      __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+      __m512 wh = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
+      if (GROUPED) {
+        const __m512 sv = _mm512_set1_ps(gs[r]);
+        wl = _mm512_mul_ps(wl, sv);
+        wh = _mm512_mul_ps(wh, sv);
+      }
       for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_fmadd_ps(wh, xh[m], _mm512_fmadd_ps(wl, xl[m], acc[m][r]));
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < RB; ++r) y[m * ldy + r] = reduce(acc[m][r]) * scale[r];
+    for (int r = 0; r < RB; ++r) y[m * ldy + r] = GROUPED ? reduce(acc[m][r]) : reduce(acc[m][r]) * scale[r];
 }
 
 void check_weight(const torch::Tensor& w) {
@@ -155,30 +166,47 @@ torch::Tensor blocked_linear(torch::Tensor x, torch::Tensor wb) {
   return y.reshape(out_shape);
 }
 
-// x [..., K] (any float dtype) @ (q * scales[:, None])^T, q int8 laid out by block_weight -> [..., N]
-// float32 (the caller casts). Up to 2 rows of x share each converted weight vector.
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor scales) {
+// x [..., K] (any float dtype) @ W^T for an int8 weight q laid out by block_weight -> [..., N] float32
+// (the caller casts). Per output channel: scales float32 [N], W = q * scales[:, None]. Group-wise
+// (group = G > 0): scales fp16 [N / 8, K / G, 8] (a block's 8 rows per group), W = q * s[n, k / G].
+// Up to 2 rows of x share each converted weight vector; a row's result does not depend on the others.
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor scales, int64_t G) {
   check_weight(qb);
   TORCH_CHECK(qb.scalar_type() == at::kChar, "an int8 weight");
   const int64_t K = x.size(-1), N = qb.size(0);
   TORCH_CHECK(qb.size(1) == K, "x's last dimension must be the weight's in features");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N, "N float32 scales");
+  if (G == 0) {
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
+                "N float32 scales");
+  } else {
+    TORCH_CHECK(G % KS == 0 && K % G == 0, "a group of 32n inputs dividing in features");
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * (K / G),
+                "fp16 scales [N / 8, K / G, 8]");
+  }
   auto out_shape = x.sizes().vec();
   out_shape.back() = N;
   const auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = x2.size(0);
+  const int64_t M = x2.size(0), ng = G ? K / G : 0;
   auto y = torch::empty({M, N}, x2.options());
   if (M == 0) return y.reshape(out_shape);
   const float* xp = x2.data_ptr<float>();
   const int8_t* wp = qb.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
+  const float* sp = G ? nullptr : scales.data_ptr<float>();
+  const auto* gp = G ? reinterpret_cast<const uint16_t*>(scales.data_ptr()) : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N / RB, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* w = wp + b * RB * K;
+      float* yb = yp + b * RB;
       int64_t m = 0;
-      for (; m + 2 <= M; m += 2) int8_rows_block<2>(xp + m * K, K, w, K, sp + b * RB, yp + m * N + b * RB, N);
-      if (m < M) int8_rows_block<1>(xp + m * K, K, w, K, sp + b * RB, yp + m * N + b * RB, N);
+      if (G) {
+        const uint16_t* gs = gp + b * ng * RB;
+        for (; m + 2 <= M; m += 2) int8_rows_block<2, true>(xp + m * K, K, w, K, nullptr, gs, G, yb + m * N, N);
+        if (m < M) int8_rows_block<1, true>(xp + m * K, K, w, K, nullptr, gs, G, yb + m * N, N);
+      } else {
+        for (; m + 2 <= M; m += 2) int8_rows_block<2, false>(xp + m * K, K, w, K, sp + b * RB, nullptr, 0, yb + m * N, N);
+        if (m < M) int8_rows_block<1, false>(xp + m * K, K, w, K, sp + b * RB, nullptr, 0, yb + m * N, N);
+      }
     }
   });
   return y.reshape(out_shape);
@@ -324,6 +352,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_weight_", &block_weight_, "block_weight in place");
   m.def("unblock_weight", &unblock_weight, "the inverse of block_weight");
   m.def("blocked_linear", &blocked_linear, "x [..., in] bf16 @ blocked weight^T -> [..., out] bf16");
-  m.def("int8_linear", &int8_linear, "x [..., in] @ (blocked int8 weight * scales)^T -> [..., out] float32");
+  m.def("int8_linear", &int8_linear,
+        "x [..., in] @ (blocked int8 weight * scales (per channel, or per group of G))^T -> [..., out] float32");
   m.def("int4_linear", &int4_linear, "x [..., in] (int8 per group) @ (int4 weight, group-wise)^T -> [..., out] float32");
 }
