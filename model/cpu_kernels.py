@@ -157,17 +157,17 @@ def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("mistral_pipeline::int8_linear", mutates_args=())
-def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    """x [..., in] @ (int8 weight laid out by block_weight, times its scales: per output channel when
-    group is 0, else per group of inputs)^T -> [..., out] float32 (model.quant.QuantLinear's CPU int8
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int, n: int) -> torch.Tensor:
+    """x [..., in] @ (int8 weight laid out by int8_block_, times its scales: per output channel when
+    group is 0, else per group of inputs)^T -> [..., n] float32 (model.quant.QuantLinear's CPU int8
     kernel; an opaque op for torch.compile)."""
     assert _kernels is not None
-    return _kernels.int8_linear(x, qweight, scales, group)  # type: ignore[no-any-return]
+    return _kernels.int8_linear(x, qweight, scales, group, n)  # type: ignore[no-any-return]
 
 
 @int8_linear.register_fake
-def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+def _(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int, n: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 
 @torch.library.custom_op("mistral_pipeline::int4_linear", mutates_args=())

@@ -19,9 +19,10 @@ memory). Kept in the run dtype: the token embedding (only gathered, a row per to
 saves memory but no time), the norms and the MoE router (tiny, and routing is sensitive).
 
 Kernels (QuantLinear.prepare, once after load and after fusing), on CPU:
-  int8  the engine's kernel (model/csrc/cpu_linear.cpp, "int8blk": int8 weights in blocks of 8 rows,
-        fp32 activations and sums; group-wise, each weight vector times its scale first), else
-        PyTorch's aten._weight_int8pack_mm ("int8cpu", bf16; per channel only: group-wise dequantizes).
+  int8  the engine's kernel (model/csrc/cpu_linear.cpp, "int8blk": int8 weights in blocks of 16 rows,
+        x quantized to 14 bits per chunk of inputs inside, two AVX512-VNNI dot products per 64 weight
+        bytes; 2-4x the earlier fp32-FMA kernel), else PyTorch's aten._weight_int8pack_mm ("int8cpu",
+        bf16; per channel only: group-wise int8 dequantizes there).
   int4  the engine's kernel ("int4blk", int4_block_weight's layout): x quantized to int8 per group
         inside the kernel and multiplied into the int4 weights with AVX512-VNNI integer dot
         products, as llama.cpp does (its Q4 x Q8 dot products); 1.25-1.4x PyTorch's
@@ -213,6 +214,7 @@ def error_bound(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 # -- the engine's int4 kernel layout (model/csrc/cpu_linear.cpp, int4_linear) ---------------------------
 
 INT4_BLOCK_ROWS = 16  # output rows per block of the engine's int4 layout
+INT8_BLOCK_ROWS = 16  # and of its int8 layout (model/csrc/cpu_linear.cpp, int8_block_)
 
 
 def int4_blockable(n: int, k: int, group: int) -> bool:
@@ -326,18 +328,23 @@ class QuantLinear(nn.Module):
         return {s: getattr(self, s) for s in suffixes(self.spec.mode)}
 
     def _int8_scales(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows lo:hi of the int8 scales in canonical order (int8blk group-wise: [N/8, K/g, 8] blocks)."""
+        """Rows lo:hi of the int8 scales in canonical order (int8blk group-wise: [Np/16, K/g, 16] blocks)."""
         if self.kernel != "int8blk" or not self.spec.group:
             return self.scales[lo:hi]
-        b = self.scales[lo // 8 : -(-hi // 8)]
+        assert lo % INT8_BLOCK_ROWS == 0
+        b = self.scales[lo // INT8_BLOCK_ROWS : -(-hi // INT8_BLOCK_ROWS)]
         return b.transpose(1, 2).reshape(-1, b.shape[1])[: hi - lo]
 
     def _int8_rows(self, lo: int, hi: int) -> torch.Tensor:
-        """Rows lo:hi of the int8 weight in [N, K] order (int8blk: whole blocks of 8 rows unblock alone)."""
+        """Rows lo:hi of the int8 weight in [N, K] order (int8blk: int8_block_'s layout, whole blocks of
+        16 rows unblock alone)."""
         if self.kernel != "int8blk":
             return self.qweight[lo:hi]
-        assert lo % 8 == 0 and (hi % 8 == 0 or hi == self.out_features)
-        return _own_kernels().unblock_weight(self.qweight[lo:hi])  # type: ignore[no-any-return]
+        assert lo % INT8_BLOCK_ROWS == 0
+        b = self.qweight[lo : -(-hi // INT8_BLOCK_ROWS) * INT8_BLOCK_ROWS]
+        k = self.in_features
+        rows = b.view(-1, k // 4, INT8_BLOCK_ROWS, 4).transpose(1, 2).reshape(-1, k)
+        return (rows.view(torch.uint8) ^ 0x80).view(torch.int8)[: hi - lo]
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers()) + (
@@ -359,7 +366,7 @@ class QuantLinear(nn.Module):
             return
         n, k = self.out_features, self.in_features
         g = self.spec.group
-        fits = self.spec.mode == "int8" and own_kernels and n % 8 == 0 and k % 32 == 0 and g % 32 == 0
+        fits = self.spec.mode == "int8" and own_kernels and k % 32 == 0 and g % 32 == 0
         fits4 = self.spec.mode == "int4" and own_kernels and int4_blockable(n, k, self.spec.group)
         kernels = blocked_kernels(log=True) if fits or fits4 else None
         if kernels is not None and fits4:
@@ -367,17 +374,22 @@ class QuantLinear(nn.Module):
             self.mins = torch.empty(0)
             self.kernel = "int4blk"
         elif kernels is not None:
-            q = self.qweight
+            q, rb = self.qweight, INT8_BLOCK_ROWS
+            pad = -n % rb  # out features padded to whole blocks with zero rows (scale 1)
             # In place where this module owns the whole allocation (no second copy: freed copies stay
             # in the heap); a tensor from a file or a view of a larger one is copied first.
             owned = q.untyped_storage().resizable() and q.untyped_storage().nbytes() == q.numel()
-            q = q if owned and q.is_contiguous() else q.contiguous().clone()
-            kernels.block_weight_(q)
+            if pad:
+                q = torch.cat([q, q.new_zeros(pad, k)])
+            elif not (owned and q.is_contiguous()):
+                q = q.contiguous().clone()
+            kernels.int8_block_(q)
             self.qweight = q
-            if g:  # the scales of a block's 8 rows together, group by group: [N/8, K/g, 8]
-                self.scales = self.scales.view(n // 8, 8, k // g).transpose(1, 2).contiguous()
+            s = torch.cat([self.scales, self.scales.new_ones(pad, *self.scales.shape[1:])]) if pad else self.scales
+            if g:  # the scales of a block's 16 rows together, group by group: [Np/16, K/g, 16]
+                self.scales = s.view(-1, rb, k // g).transpose(1, 2).contiguous()
             else:
-                self.scales = self.scales.float().contiguous()
+                self.scales = s.float().contiguous()
             self.kernel = "int8blk"
         elif self.spec.mode == "int8" and not g and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             self._scales_bf16 = self.scales.to(torch.bfloat16)
@@ -466,7 +478,7 @@ class QuantLinear(nn.Module):
         # The engine's kernels: called directly when eager, through their custom ops when compiled.
         if self.kernel == "int8blk" and few:
             int8 = int8_linear if torch.compiler.is_compiling() else _own_kernels().int8_linear
-            y = int8(x2, self.qweight, self.scales, self.spec.group)
+            y = int8(x2, self.qweight, self.scales, self.spec.group, self.out_features)
         elif self.kernel == "int4blk" and few:
             int4 = int4_linear if torch.compiler.is_compiling() else _own_kernels().int4_linear
             y = int4(x2, self.qweight, self.scales, self.spec.group)

@@ -1,13 +1,13 @@
-// Linear layers for CPUs with AVX-512 (bf16 weights: AVX512-BF16's vdpbf16ps; int8 weights: fp32 FMAs
-// after a sign-extending conversion): y [M, N] = x [M, K] @ W^T.
+// Linear layers for CPUs with AVX-512 (bf16 weights: AVX512-BF16's vdpbf16ps; int8 and int4 weights:
+// AVX512-VNNI's vpdpbusd on quantized activations): y [M, N] = x [M, K] @ W^T.
 //
 // Decode reads every weight once per step, so at 1-2 rows a step the kernel's job is to stream the
-// weights at the memory's speed. W is laid out once, at load, in blocks of 8 output rows:
+// weights at the memory's speed. A bf16 W is laid out once, at load, in blocks of 8 output rows:
 // [N / 8][K / 32][8][32], so that a block is one sequential run of memory (8 rows x 64 bytes per
 // k-step) that the hardware prefetchers follow. Each output is the same fp32 sum in the same order
 // (16 lanes accumulated over k in steps of 32, then one fixed horizontal reduction) whatever the
 // number of rows and the tiling, so a row's result does not depend on what it is batched with.
-// int8 weights use the same layout (32 bytes per row per k-step). Built at run time by torch.utils.cpp_extension (model/cpu_kernels.py); threads from
+// Built at run time by torch.utils.cpp_extension (model/cpu_kernels.py); threads from
 // at::parallel_for (torch's intra-op pool, so torch.set_num_threads applies).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -55,43 +56,6 @@ inline void rows_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_
   }
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RB; ++r) y[m * ldy + r] = c10::BFloat16(reduce(acc[m][r]));
-}
-
-// int8 weights in the same blocked layout, 32 bytes per row per k-step; x in fp32. Each row's 32 weights
-// become two fp32 vectors (exact), multiplied into the 16 lanes of its accumulator. Per output channel
-// (W = q * scale[row]) the scale is applied once, to the finished sum. Group-wise (W = q * s[row, g],
-// s fp16, G inputs a group, G a multiple of 32) each converted weight vector is first multiplied by its
-// scale: q * s is exact in fp32 (8 x 11 significant bits), so the sum is over the exact weights.
-template <int MR, bool GROUPED>
-inline void int8_rows_block(const float* x, int64_t ldx, const int8_t* w, int64_t K, const float* scale,
-                            const uint16_t* gscale, int64_t G, float* y, int64_t ldy) {
-  __m512 acc[MR][RB];
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
-  alignas(32) float gs[RB];
-  for (int64_t k = 0; k < K; k += KS) {
-    if (GROUPED && k % G == 0) {  // the block's 8 scales of this group: [N / 8][K / G][8] fp16
-      _mm256_store_ps(gs, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(gscale))));
-      gscale += RB;
-    }
-    __m512 xl[MR], xh[MR];
-    for (int m = 0; m < MR; ++m) {
-      xl[m] = _mm512_loadu_ps(x + m * ldx + k);
-      xh[m] = _mm512_loadu_ps(x + m * ldx + k + 16);
-    }
-    for (int r = 0; r < RB; ++r, w += KS) {
-      __m512 wl = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
-      __m512 wh = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))));
-      if (GROUPED) {
-        const __m512 sv = _mm512_set1_ps(gs[r]);
-        wl = _mm512_mul_ps(wl, sv);
-        wh = _mm512_mul_ps(wh, sv);
-      }
-      for (int m = 0; m < MR; ++m) acc[m][r] = _mm512_fmadd_ps(wh, xh[m], _mm512_fmadd_ps(wl, xl[m], acc[m][r]));
-    }
-  }
-  for (int m = 0; m < MR; ++m)
-    for (int r = 0; r < RB; ++r) y[m * ldy + r] = GROUPED ? reduce(acc[m][r]) : reduce(acc[m][r]) * scale[r];
 }
 
 void check_weight(const torch::Tensor& w) {
@@ -166,51 +130,38 @@ torch::Tensor blocked_linear(torch::Tensor x, torch::Tensor wb) {
   return y.reshape(out_shape);
 }
 
-// x [..., K] (any float dtype) @ W^T for an int8 weight q laid out by block_weight -> [..., N] float32
-// (the caller casts). Per output channel: scales float32 [N], W = q * scales[:, None]. Group-wise
-// (group = G > 0): scales fp16 [N / 8, K / G, 8] (a block's 8 rows per group), W = q * s[n, k / G].
-// Up to 2 rows of x share each converted weight vector; a row's result does not depend on the others.
-torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor scales, int64_t G) {
-  check_weight(qb);
-  TORCH_CHECK(qb.scalar_type() == at::kChar, "an int8 weight");
-  const int64_t K = x.size(-1), N = qb.size(0);
-  TORCH_CHECK(qb.size(1) == K, "x's last dimension must be the weight's in features");
-  if (G == 0) {
-    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N,
-                "N float32 scales");
-  } else {
-    TORCH_CHECK(G % KS == 0 && K % G == 0, "a group of 32n inputs dividing in features");
-    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * (K / G),
-                "fp16 scales [N / 8, K / G, 8]");
-  }
-  auto out_shape = x.sizes().vec();
-  out_shape.back() = N;
-  const auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const int64_t M = x2.size(0), ng = G ? K / G : 0;
-  auto y = torch::empty({M, N}, x2.options());
-  if (M == 0) return y.reshape(out_shape);
-  const float* xp = x2.data_ptr<float>();
-  const int8_t* wp = qb.data_ptr<int8_t>();
-  const float* sp = G ? nullptr : scales.data_ptr<float>();
-  const auto* gp = G ? reinterpret_cast<const uint16_t*>(scales.data_ptr()) : nullptr;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / RB, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int8_t* w = wp + b * RB * K;
-      float* yb = yp + b * RB;
-      int64_t m = 0;
-      if (G) {
-        const uint16_t* gs = gp + b * ng * RB;
-        for (; m + 2 <= M; m += 2) int8_rows_block<2, true>(xp + m * K, K, w, K, nullptr, gs, G, yb + m * N, N);
-        if (m < M) int8_rows_block<1, true>(xp + m * K, K, w, K, nullptr, gs, G, yb + m * N, N);
+namespace {
+// x quantized per chunk of C inputs (C a multiple of 16): sx = amax / levels, q = round(x * (levels /
+// amax)) in fp32, rounded to nearest even (as torch.round), and the chunk's sum of q. levels = 127: q
+// as int8 in lo. levels = 8191 (14 bits): q = 128 hi + lo with lo in [-64, 63] and hi in [-64, 64], both
+// int8, so that two vpdpbusd against unsigned bytes give the product with 14-bit activations.
+void quantize_x(const float* x, int64_t chunks, int64_t C, float levels, int8_t* lo, int8_t* hi, float* sx,
+                int32_t* qsum) {
+  for (int64_t i = 0; i < chunks; ++i) {
+    const float* v = x + i * C;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < C; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(v + k)));
+    const float amax = _mm512_reduce_max_ps(mx);
+    const __m512 inv = _mm512_set1_ps(amax > 0.f ? levels / amax : 0.f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int64_t k = 0; k < C; k += 16) {
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + k), inv));
+      sum = _mm512_add_epi32(sum, q);
+      if (hi == nullptr) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + i * C + k), _mm512_cvtepi32_epi8(q));
       } else {
-        for (; m + 2 <= M; m += 2) int8_rows_block<2, false>(xp + m * K, K, w, K, sp + b * RB, nullptr, 0, yb + m * N, N);
-        if (m < M) int8_rows_block<1, false>(xp + m * K, K, w, K, sp + b * RB, nullptr, 0, yb + m * N, N);
+        const __m512i b = _mm512_sub_epi32(
+            _mm512_and_si512(_mm512_add_epi32(q, _mm512_set1_epi32(64)), _mm512_set1_epi32(127)), _mm512_set1_epi32(64));
+        const __m512i a = _mm512_srai_epi32(_mm512_sub_epi32(q, b), 7);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + i * C + k), _mm512_cvtepi32_epi8(b));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + i * C + k), _mm512_cvtepi32_epi8(a));
       }
     }
-  });
-  return y.reshape(out_shape);
+    sx[i] = amax / levels;
+    qsum[i] = _mm512_reduce_add_epi32(sum);
+  }
 }
+}  // namespace
 
 // ---- int4 (group-wise, zero point): w = q * scale[n, g] + min[n, g], q in 0..15 ----------------------
 //
@@ -290,20 +241,9 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor sm, i
   // x to int8 per group: sx = amax / 127, qx = round(x / sx); and sx * sum(qx), the sum of x^.
   std::vector<int8_t> qx(M * K);
   std::vector<float> sx(M * ng), xs(M * ng);
-  const float* xp = x2.data_ptr<float>();
-  for (int64_t i = 0; i < M * ng; ++i) {
-    const float* v = xp + i * G;
-    float amax = 0.f;
-    for (int64_t k = 0; k < G; ++k) amax = std::max(amax, std::abs(v[k]));
-    const float inv = amax > 0.f ? 127.f / amax : 0.f;
-    int32_t qsum = 0;
-    for (int64_t k = 0; k < G; ++k) {
-      qx[i * G + k] = static_cast<int8_t>(std::nearbyint(v[k] * inv));
-      qsum += qx[i * G + k];
-    }
-    sx[i] = amax / 127.f;
-    xs[i] = sx[i] * static_cast<float>(qsum);
-  }
+  std::vector<int32_t> qsum(M * ng);
+  quantize_x(x2.data_ptr<float>(), M * ng, G, 127.f, qx.data(), nullptr, sx.data(), qsum.data());
+  for (int64_t i = 0; i < M * ng; ++i) xs[i] = sx[i] * static_cast<float>(qsum[i]);
   const uint8_t* wp = qb.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(sm.data_ptr());
   float* yp = y.data_ptr<float>();
@@ -321,6 +261,150 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor sm, i
     }
   });
   return y.reshape(out_shape);
+}
+
+
+// ---- int8 (per output channel, or group-wise: an fp16 scale per G inputs) --------------------------
+//
+// Weight-only in effect: x is quantized to 14 bits per chunk of C inputs (C = min(G, 128), or 128 / 64 /
+// 32 per channel), x ~ sx * qx with |qx| <= 8191, whose rounding (2^-14 of the chunk's largest entry) is
+// far below bf16's (2^-9 of each entry). qx = 128 a + b with a, b in int8, and the weight is stored
+// offset to unsigned bytes (w + 128), so a chunk's dot product is two AVX512-VNNI vpdpbusd per 64 weight
+// bytes, exact in int32:  sum w qx = 128 sum (w+128) a + sum (w+128) b - 128 sum qx.
+// (Converting the int8 weights to fp32 for FMAs, the earlier kernel, spent 6 vector instructions per 32
+// weights: 29 -> 111 GB/s in cache at one row, scripts/quant_kernels.py.) Layout (int8_block_ in place):
+// blocks of 16 output rows, one row per 32-bit lane; per 4 inputs one 64-byte vector, lane r holding
+// inputs 4c..4c+3 of row r; out features padded to 16 with zero rows. Scales: per channel float32 [Np];
+// group-wise fp16 [Np / 16, K / G, 16].
+namespace {
+template <int MR, bool GROUPED>
+inline void int8_rows_block(const int8_t* qa, const int8_t* qb8, const float* sx, const int32_t* sq, int64_t K,
+                              int64_t C, int64_t G, const uint8_t* w, const uint16_t* gsc, const float* rsc,
+                              float* y, int64_t ldy, int64_t nvalid) {
+  const int64_t nc = K / C;
+  __m512 facc[MR];
+  for (int m = 0; m < MR; ++m) facc[m] = _mm512_setzero_ps();
+  __m512 sc = _mm512_set1_ps(1.f);
+  for (int64_t c = 0; c < nc; ++c) {
+    if (GROUPED && (c * C) % G == 0) {
+      sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gsc)));
+      gsc += 16;
+    }
+    __m512i A[MR][4], B[MR][4];  // four chains each: a dpbusd's latency is several of its issue slots
+    for (int m = 0; m < MR; ++m)
+      for (int j = 0; j < 4; ++j) A[m][j] = B[m][j] = _mm512_setzero_si512();
+    const int64_t k0 = c * C;
+    for (int64_t k = 0; k < C; k += 16) {
+      for (int j = 0; j < 4; ++j, w += 64) {
+        const __m512i v = _mm512_loadu_si512(w);
+        for (int m = 0; m < MR; ++m) {
+          int32_t xa, xb;
+          std::memcpy(&xa, qa + m * K + k0 + k + 4 * j, 4);
+          std::memcpy(&xb, qb8 + m * K + k0 + k + 4 * j, 4);
+          A[m][j] = _mm512_dpbusd_epi32(A[m][j], v, _mm512_set1_epi32(xa));
+          B[m][j] = _mm512_dpbusd_epi32(B[m][j], v, _mm512_set1_epi32(xb));
+        }
+      }
+    }
+    const int64_t nck = nc;
+    for (int m = 0; m < MR; ++m) {
+      const __m512i a = _mm512_add_epi32(_mm512_add_epi32(A[m][0], A[m][1]), _mm512_add_epi32(A[m][2], A[m][3]));
+      const __m512i b = _mm512_add_epi32(_mm512_add_epi32(B[m][0], B[m][1]), _mm512_add_epi32(B[m][2], B[m][3]));
+      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a, 7), b),
+                                           _mm512_set1_epi32(128 * sq[m * nck + c]));
+      const __m512 f = _mm512_cvtepi32_ps(dot);
+      const __m512 s = _mm512_set1_ps(sx[m * nck + c]);
+      facc[m] = _mm512_fmadd_ps(f, GROUPED ? _mm512_mul_ps(sc, s) : s, facc[m]);
+    }
+  }
+  const __mmask16 mask = nvalid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nvalid) - 1);
+  for (int m = 0; m < MR; ++m) {
+    __m512 r = facc[m];
+    if (!GROUPED) r = _mm512_mul_ps(r, _mm512_maskz_loadu_ps(mask, rsc));
+    _mm512_mask_storeu_ps(y + m * ldy, mask, r);
+  }
+}
+}  // namespace
+
+// x [..., K] (any float dtype) @ W^T for an int8 weight in the layout above (qw [Np, K], n <= Np real
+// out features) -> [..., n] float32. Rows of x in pairs share each weight vector; a row's result does not
+// depend on the others.
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scales, int64_t G, int64_t n) {
+  const int64_t K = x.size(-1), Np = qw.size(0);
+  TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar && qw.is_contiguous() && qw.device().is_cpu(),
+              "an int8 weight, contiguous on the CPU");
+  TORCH_CHECK(Np % 16 == 0 && n <= Np && Np - n < 16 && qw.size(1) == K && K % 32 == 0,
+              "x's last dimension must be the weight's in features (a multiple of 32); rows padded to 16");
+  if (G == 0) {
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == Np,
+                "Np float32 scales");
+  } else {
+    TORCH_CHECK(G % 32 == 0 && K % G == 0, "a group of 32n inputs dividing in features");
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == Np * (K / G),
+                "fp16 scales [Np / 16, K / G, 16]");
+  }
+  const int64_t C = G ? std::min<int64_t>(G, 128) : (K % 128 == 0 ? 128 : K % 64 == 0 ? 64 : 32);
+  auto out_shape = x.sizes().vec();
+  out_shape.back() = n;
+  const auto x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0), nc = K / C, ng = G ? K / G : 0;
+  auto y = torch::empty({M, n}, x2.options());
+  if (M == 0) return y.reshape(out_shape);
+  std::vector<int8_t> qa(M * K), qb8(M * K);
+  std::vector<float> sx(M * nc);
+  std::vector<int32_t> sq(M * nc);
+  quantize_x(x2.data_ptr<float>(), M * nc, C, 8191.f, qb8.data(), qa.data(), sx.data(), sq.data());
+  const uint8_t* wp = reinterpret_cast<const uint8_t*>(qw.data_ptr());
+  const auto* gp = G ? reinterpret_cast<const uint16_t*>(scales.data_ptr()) : nullptr;
+  const float* rp = G ? nullptr : scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, Np / 16, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* w = wp + b * 16 * K;
+      const int64_t nv = std::min<int64_t>(16, n - b * 16);
+      const uint16_t* gs = G ? gp + b * ng * 16 : nullptr;
+      const float* rs = G ? nullptr : rp + b * 16;
+      auto block = [&](auto mr, auto grouped, int64_t m) {
+        int8_rows_block<decltype(mr)::value, decltype(grouped)::value>(
+            qa.data() + m * K, qb8.data() + m * K, sx.data() + m * nc, sq.data() + m * nc, K, C, G, w, gs, rs,
+            yp + m * n + b * 16, n, nv);
+      };
+      int64_t m = 0;
+      if (G) {
+        for (; m + 2 <= M; m += 2)
+          block(std::integral_constant<int, 2>(), std::true_type(), m);
+        if (m < M)
+          block(std::integral_constant<int, 1>(), std::true_type(), m);
+      } else {
+        for (; m + 2 <= M; m += 2)
+          block(std::integral_constant<int, 2>(), std::false_type(), m);
+        if (m < M)
+          block(std::integral_constant<int, 1>(), std::false_type(), m);
+      }
+    }
+  });
+  return y.reshape(out_shape);
+}
+
+// [Np, K] int8 (Np a multiple of 16) -> the int8 layout above, in place, block by block through a buffer
+// of one block (no second copy of the weight: a 7B model's int8 weights re-laid out by new tensors left
+// ~4 GB of freed heap behind, measured).
+void int8_block_(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.device().is_cpu(),
+              "a contiguous int8 CPU weight");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(N % 16 == 0 && K % 4 == 0, "rows a multiple of 16, in features of 4");
+  auto* base = reinterpret_cast<uint8_t*>(w.data_ptr());
+  at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> tmp(16 * K);
+    for (int64_t b = b0; b < b1; ++b) {
+      uint8_t* blk = base + b * 16 * K;
+      std::memcpy(tmp.data(), blk, tmp.size());
+      for (int64_t c = 0; c < K / 4; ++c)
+        for (int64_t r = 0; r < 16; ++r)
+          for (int64_t j = 0; j < 4; ++j) blk[(c * 16 + r) * 4 + j] = tmp[r * K + 4 * c + j] ^ 0x80;
+    }
+  });
 }
 
 // A read-bandwidth probe: the sum of a float32 buffer with four independent AVX-512 accumulators per
@@ -353,6 +437,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unblock_weight", &unblock_weight, "the inverse of block_weight");
   m.def("blocked_linear", &blocked_linear, "x [..., in] bf16 @ blocked weight^T -> [..., out] bf16");
   m.def("int8_linear", &int8_linear,
-        "x [..., in] @ (blocked int8 weight * scales (per channel, or per group of G))^T -> [..., out] float32");
+        "x [..., in] @ (int8 weight (int8_block_'s layout) * scales, per channel or per group of G)^T -> [..., n] float32");
+  m.def("int8_block_", &int8_block_, "[Np, K] int8 -> the int8 kernel's layout, in place");
   m.def("int4_linear", &int4_linear, "x [..., in] (int8 per group) @ (int4 weight, group-wise)^T -> [..., out] float32");
 }
