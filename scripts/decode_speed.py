@@ -12,6 +12,7 @@ Variants (each one `python -m launch bench ... --json` job, batch 1, P = 1):
              fused, with the bf16 linears on oneDNN's packed layout / the engine's AVX512-BF16 kernel
   compiled   fused, decode steps through torch.compile (--compile; compile time reported apart)
   int8, int4 fused, weights quantized at load (--quantize; issue 11), on the engine's kernels
+  int8g      int8 with an fp16 scale per 32 inputs (--group_size 32, GGUF Q8_0's layout)
   int8-torch, int4-torch
              through PyTorch's packed kernels (--cpu_linear onednn), the engine before it had its own
   llama-bf16, llama-q8_0, llama-q4_0
@@ -56,6 +57,7 @@ FLAGS = {
     "blocked": ["--cpu_linear", "blocked"],
     "compiled": ["--compile"],
     "int8": ["--quantize", "int8"],
+    "int8g": ["--quantize", "int8", "--group_size", "32"],
     "int8-torch": ["--quantize", "int8", "--cpu_linear", "onednn"],
     "int4": ["--quantize", "int4"],
     "int4-torch": ["--quantize", "int4", "--cpu_linear", "onednn"],
