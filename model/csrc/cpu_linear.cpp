@@ -277,7 +277,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor sm, i
 // inputs 4c..4c+3 of row r; out features padded to 16 with zero rows. Scales: per channel float32 [Np];
 // group-wise fp16 [Np / 16, K / G, 16].
 namespace {
-template <int MR, bool GROUPED>
+template <int MR, bool GROUPED, int CH>
 inline void int8_rows_block(const int8_t* qa, const int8_t* qb8, const float* sx, const int32_t* sq, int64_t K,
                               int64_t C, int64_t G, const uint8_t* w, const uint16_t* gsc, const float* rsc,
                               float* y, int64_t ldy, int64_t nvalid) {
@@ -290,12 +290,14 @@ inline void int8_rows_block(const int8_t* qa, const int8_t* qb8, const float* sx
       sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gsc)));
       gsc += 16;
     }
-    __m512i A[MR][4], B[MR][4];  // four chains each: a dpbusd's latency is several of its issue slots
+    // CH chains each (C / 32: a dpbusd's latency is several of its issue slots, and short chunks
+    // overlap with the next one anyway)
+    __m512i A[MR][CH], B[MR][CH];
     for (int m = 0; m < MR; ++m)
-      for (int j = 0; j < 4; ++j) A[m][j] = B[m][j] = _mm512_setzero_si512();
+      for (int j = 0; j < CH; ++j) A[m][j] = B[m][j] = _mm512_setzero_si512();
     const int64_t k0 = c * C;
-    for (int64_t k = 0; k < C; k += 16) {
-      for (int j = 0; j < 4; ++j, w += 64) {
+    for (int64_t k = 0; k < C; k += 4 * CH) {
+      for (int j = 0; j < CH; ++j, w += 64) {
         const __m512i v = _mm512_loadu_si512(w);
         for (int m = 0; m < MR; ++m) {
           int32_t xa, xb;
@@ -308,8 +310,11 @@ inline void int8_rows_block(const int8_t* qa, const int8_t* qb8, const float* sx
     }
     const int64_t nck = nc;
     for (int m = 0; m < MR; ++m) {
-      const __m512i a = _mm512_add_epi32(_mm512_add_epi32(A[m][0], A[m][1]), _mm512_add_epi32(A[m][2], A[m][3]));
-      const __m512i b = _mm512_add_epi32(_mm512_add_epi32(B[m][0], B[m][1]), _mm512_add_epi32(B[m][2], B[m][3]));
+      __m512i a = A[m][0], b = B[m][0];
+      for (int j = 1; j < CH; ++j) {
+        a = _mm512_add_epi32(a, A[m][j]);
+        b = _mm512_add_epi32(b, B[m][j]);
+      }
       const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a, 7), b),
                                            _mm512_set1_epi32(128 * sq[m * nck + c]));
       const __m512 f = _mm512_cvtepi32_ps(dot);
@@ -365,9 +370,15 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scale
       const uint16_t* gs = G ? gp + b * ng * 16 : nullptr;
       const float* rs = G ? nullptr : rp + b * 16;
       auto block = [&](auto mr, auto grouped, int64_t m) {
-        int8_rows_block<decltype(mr)::value, decltype(grouped)::value>(
-            qa.data() + m * K, qb8.data() + m * K, sx.data() + m * nc, sq.data() + m * nc, K, C, G, w, gs, rs,
-            yp + m * n + b * 16, n, nv);
+        constexpr int MR = decltype(mr)::value;
+        constexpr bool GR = decltype(grouped)::value;
+        const int8_t *a = qa.data() + m * K, *lo = qb8.data() + m * K;
+        const float* s = sx.data() + m * nc;
+        const int32_t* q = sq.data() + m * nc;
+        float* out = yp + m * n + b * 16;
+        if (C == 32) int8_rows_block<MR, GR, 1>(a, lo, s, q, K, C, G, w, gs, rs, out, n, nv);
+        else if (C == 64) int8_rows_block<MR, GR, 2>(a, lo, s, q, K, C, G, w, gs, rs, out, n, nv);
+        else int8_rows_block<MR, GR, 4>(a, lo, s, q, K, C, G, w, gs, rs, out, n, nv);
       };
       int64_t m = 0;
       if (G) {
