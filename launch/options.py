@@ -123,7 +123,8 @@ class ServeOptions(RunOptions):
     # the chunk): auto = where the padding costs less than the pass it saves, learnt from the step times
     merge_steps: str = field(default="auto", choices=["auto", "always", "never"])
     # a step that prefills new prompts besides decoding may take at most this many decode-only steps
-    # (predicted from the measured step times; never fewer than 16 prompt tokens a step): even
-    # inter-token gaps for streaming clients, at some cost in time to first token; 0 = only
-    # --token_budget bounds it
-    itl_cap: float = 2.0
+    # (predicted from the measured step times; never fewer than 16 prompt tokens a step): more even
+    # inter-token gaps for streaming clients, at a cost in time to first token and, at saturation,
+    # throughput (mistral-mini, 16 clients: 0.70-0.81x a static batch at 2 against 0.92-0.98x
+    # without; docs/benchmarks.md); 0 (the default) = only --token_budget bounds it
+    itl_cap: float = 0.0
