@@ -28,8 +28,9 @@ Kernels (QuantLinear.prepare, once after load and after fusing), on CPU:
         products, as llama.cpp does (its Q4 x Q8 dot products); 1.25-1.4x PyTorch's
         aten._weight_int4pack_mm_for_cpu ("int4cpu", bf16 activations, the fallback) at 1 row and
         2-2.5x from 2 rows (scripts/quant_kernels.py). Out features a multiple of 16, groups of 32n.
-  --cpu_linear onednn keeps PyTorch's kernels for both. For many rows (prefill, over KERNEL_MAX_ROWS)
-  the weight is dequantized a block of rows at a time and multiplied by F.linear instead.
+  --cpu_linear onednn keeps PyTorch's kernels for both. For many rows (prefill: over KERNEL_MAX_ROWS
+  for PyTorch's kernels, OWN_KERNEL_MAX_ROWS for the engine's) the weight is dequantized a block of
+  rows at a time and multiplied by F.linear instead.
 Other devices (CUDA): int8 per channel as x @ q^T then the scales (group-wise: dequantized); int4 on
 PyTorch's tinygemm kernel (sm80+).
 """
@@ -53,10 +54,13 @@ from model.cpu_kernels import blocked_kernels, int4_linear, int8_linear
 MODES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
 # Rows (tokens in a step) above which dequantize + F.linear beats the packed kernels. The kernels'
-# time grows about linearly with rows (14336 x 4096 int8 on 2 Zen 4 cores: 2.3 ms at 1 row, 7 ms at 8,
-# 57 ms at 64); dequantizing costs a few passes over the weight whatever the rows (a 16-token
-# prefill of the 7B shape through dequantization took 30 s against ~1.5 s in bf16 on a loaded machine).
+# time grows about linearly with rows; dequantizing costs a few passes over the weight whatever the
+# rows, then a bf16 GEMM. PyTorch's packed kernels (14336 x 4096 int8 on 2 Zen 4 cores: 2.3 ms at 1
+# row, 7 ms at 8, 57 ms at 64) lose from ~128 rows. The engine's (one 7B layer's linears, tokens/s
+# through them, kernel vs dequantized): int8 884 vs 237 at 64 rows, 850 vs 648 at 512, 794 vs 765 at
+# 1024, 729 vs 785 at 2048; int4 1243 vs 101 at 64, 1117 vs 561 at 1024, 966 vs 677 at 2048.
 KERNEL_MAX_ROWS = 128
+OWN_KERNEL_MAX_ROWS = {"int8blk": 1024, "int4blk": 4096}
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels (CPU and CUDA) take
 _TORCH_INT4_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64
 QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows of about this many elements
@@ -474,7 +478,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # [rows, K]
         rows = x2.shape[0]
-        few = rows <= KERNEL_MAX_ROWS
+        few = rows <= OWN_KERNEL_MAX_ROWS.get(self.kernel, KERNEL_MAX_ROWS)
         # The engine's kernels: called directly when eager, through their custom ops when compiled.
         if self.kernel == "int8blk" and few:
             int8 = int8_linear if torch.compiler.is_compiling() else _own_kernels().int8_linear
