@@ -176,11 +176,20 @@ def test_bad_inputs_are_one_line(tmp_path: Path) -> None:
                     "not a multiple of the int4 group size 64", "--group_size")
     _one_line_error(_cli("demo", model, "--quantize", "int4", "--group_size", "64", "--max_tokens", "2"),
                     "group size 64")
+    _one_line_error(_cli("demo", model, "--quantize", "int8", "--group_size", "64", "--max_tokens", "2"),
+                    "not a multiple of the int8 group size 64", "--quantize int8 without --group_size")
     q = tmp_path / "q"
     r = _cli("quantize", model, q, "--quantize", "int4")
     assert r.returncode == 0, r.stderr[-2000:]
     _one_line_error(_cli("demo", q, "--quantize", "int8", "--max_tokens", "2"), "quantized int4", "--quantize int4")
     _one_line_error(_cli("demo", q, "--quantize", "none", "--max_tokens", "2"), "quantized int4")
+    q8 = tmp_path / "q8"
+    r = _cli("quantize", model, q8, "--quantize", "int8", "--group_size", "32")
+    assert r.returncode == 0 and "int8 (group 32)" in r.stderr, r.stderr[-2000:]
+    _one_line_error(_cli("demo", q8, "--quantize", "int8", "--max_tokens", "2"), "quantized int8 (group 32)",
+                    "--quantize int8 --group_size 32")
+    r = _cli("demo", q8, "--quantize", "int8", "--group_size", "32", "--max_tokens", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
     r = _cli("demo", q, "--max_tokens", "2")  # unset: runs as stored
     assert r.returncode == 0, r.stderr[-2000:]
     _one_line_error(_cli("quantize", q, tmp_path / "qq", "--quantize", "int8"), "already quantized")
