@@ -158,13 +158,12 @@ def _quantize(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # [N]
         q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
         return {"qweight": q, "scales": scales}
+    wg = w.view(n, k // g, g)
     if spec.mode == "int8":  # the scale rounded to float16 first, so q is computed against what is stored
-        wg = w.view(n, k // g, g)
         s16 = (wg.abs().amax(-1) / 127).to(torch.float16)  # [N, K/g]
         s16 = torch.where(s16 > 0, s16, torch.ones_like(s16))
         q = torch.round(wg / s16.float()[..., None]).clamp(-127, 127).to(torch.int8)
         return {"qweight": q.view(n, k), "scales": s16}
-    wg = w.view(n, k // g, g)
     lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/g]
     # Round scale and offset to their stored precision first, so q is computed against what is stored.
     scales = ((hi - lo) / 15).to(torch.float16)
@@ -217,12 +216,13 @@ def error_bound(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 # -- the engine's int4 kernel layout (model/csrc/cpu_linear.cpp, int4_linear) ---------------------------
 
-INT4_BLOCK_ROWS = 16  # output rows per block of the engine's int4 layout
-INT8_BLOCK_ROWS = 16  # and of its int8 layout (model/csrc/cpu_linear.cpp, int8_block_)
+# Output rows per block of the engine's int4 and int8 layouts: one row per 32-bit lane of a vector
+# (model/csrc/cpu_linear.cpp, LANES; int4_block_weight, int8_block_).
+BLOCK_ROWS = 16
 
 
 def int4_blockable(n: int, k: int, group: int) -> bool:
-    return n % INT4_BLOCK_ROWS == 0 and group % 32 == 0 and k % group == 0
+    return n % BLOCK_ROWS == 0 and group % 32 == 0 and k % group == 0
 
 
 def int4_block_weight(t: dict[str, torch.Tensor], group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +233,7 @@ def int4_block_weight(t: dict[str, torch.Tensor], group: int) -> tuple[torch.Ten
     temporaries small."""
     qweight, scales, mins = t["qweight"], t["scales"], t["mins"]
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    rows = max(INT4_BLOCK_ROWS, QUANT_BLOCK_ELEMS // k // INT4_BLOCK_ROWS * INT4_BLOCK_ROWS)
+    rows = max(BLOCK_ROWS, QUANT_BLOCK_ELEMS // k // BLOCK_ROWS * BLOCK_ROWS)
     parts = []
     for i in range(0, n, rows):
         q = unpack_nibbles(qweight[i : i + rows]).view(-1, 16, k // 32, 2, 4, 4)  # (block, r, k/32, half, c, b)
@@ -335,8 +335,8 @@ class QuantLinear(nn.Module):
         """Rows lo:hi of the int8 scales in canonical order (int8blk group-wise: [Np/16, K/g, 16] blocks)."""
         if self.kernel != "int8blk" or not self.spec.group:
             return self.scales[lo:hi]
-        assert lo % INT8_BLOCK_ROWS == 0
-        b = self.scales[lo // INT8_BLOCK_ROWS : -(-hi // INT8_BLOCK_ROWS)]
+        assert lo % BLOCK_ROWS == 0
+        b = self.scales[lo // BLOCK_ROWS : -(-hi // BLOCK_ROWS)]
         return b.transpose(1, 2).reshape(-1, b.shape[1])[: hi - lo]
 
     def _int8_rows(self, lo: int, hi: int) -> torch.Tensor:
@@ -344,10 +344,10 @@ class QuantLinear(nn.Module):
         16 rows unblock alone)."""
         if self.kernel != "int8blk":
             return self.qweight[lo:hi]
-        assert lo % INT8_BLOCK_ROWS == 0
-        b = self.qweight[lo : -(-hi // INT8_BLOCK_ROWS) * INT8_BLOCK_ROWS]
+        assert lo % BLOCK_ROWS == 0
+        b = self.qweight[lo : -(-hi // BLOCK_ROWS) * BLOCK_ROWS]
         k = self.in_features
-        rows = b.view(-1, k // 4, INT8_BLOCK_ROWS, 4).transpose(1, 2).reshape(-1, k)
+        rows = b.view(-1, k // 4, BLOCK_ROWS, 4).transpose(1, 2).reshape(-1, k)
         return (rows.view(torch.uint8) ^ 0x80).view(torch.int8)[: hi - lo]
 
     def nbytes(self) -> int:
@@ -378,7 +378,7 @@ class QuantLinear(nn.Module):
             self.mins = torch.empty(0)
             self.kernel = "int4blk"
         elif kernels is not None:
-            q, rb = self.qweight, INT8_BLOCK_ROWS
+            q, rb = self.qweight, BLOCK_ROWS
             pad = -n % rb  # out features padded to whole blocks with zero rows (scale 1)
             # In place where this module owns the whole allocation (no second copy: freed copies stay
             # in the heap); a tensor from a file or a view of a larger one is copied first.
@@ -452,7 +452,7 @@ class QuantLinear(nn.Module):
         if self.kernel == "int8blk":
             return dequantize({"qweight": self._int8_rows(lo, hi), "scales": self._int8_scales(lo, hi)}, "int8", dtype)
         if self.kernel == "int4blk":
-            blocks = self.scales[lo // INT4_BLOCK_ROWS : -(-hi // INT4_BLOCK_ROWS)]
+            blocks = self.scales[lo // BLOCK_ROWS : -(-hi // BLOCK_ROWS)]
             return dequantize(int4_unblock_weight(self.qweight[lo:hi], blocks), "int4", dtype)
         if self.kernel != "int4cpu":
             return dequantize({s: t[lo:hi] for s, t in self.canonical().items()}, self.spec.mode, dtype)

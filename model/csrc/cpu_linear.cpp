@@ -64,30 +64,12 @@ void check_weight(const torch::Tensor& w) {
 }
 }  // namespace
 
-// [N, K] (bf16 or int8) -> the blocked layout (same shape and bytes, rows interleaved per block; the
+// [N, K] bf16 -> the blocked layout (same shape and bytes, rows interleaved per block; the
 // rows 8b..8b+7 of the result hold block b, so a slice of whole blocks unblocks on its own).
 torch::Tensor block_weight(torch::Tensor w) {
   check_weight(w);
   const int64_t N = w.size(0), K = w.size(1);
   return w.reshape({N / RB, RB, K / KS, KS}).transpose(1, 2).contiguous().reshape({N, K});
-}
-
-// block_weight in place, block by block through a buffer of one block (no second copy of the weight:
-// a 7B model's int8 weights re-laid out by new tensors left ~4 GB of freed heap behind, measured).
-void block_weight_(torch::Tensor w) {
-  check_weight(w);
-  const int64_t N = w.size(0), K = w.size(1), es = w.element_size();
-  auto* base = static_cast<char*>(w.data_ptr());
-  at::parallel_for(0, N / RB, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<char> tmp(RB * K * es);
-    for (int64_t b = b0; b < b1; ++b) {
-      char* blk = base + b * RB * K * es;
-      std::memcpy(tmp.data(), blk, tmp.size());
-      for (int64_t s = 0; s < K / KS; ++s)
-        for (int64_t r = 0; r < RB; ++r)
-          std::memcpy(blk + (s * RB + r) * KS * es, tmp.data() + (r * K + s * KS) * es, KS * es);
-    }
-  });
 }
 
 // The inverse of block_weight.
@@ -183,7 +165,7 @@ void quantize_x(const float* x, int64_t chunks, int64_t C, float levels, int8_t*
 // go in unshifted (v & 0xF0 = 16 q): that lane's sum is exactly 16 times the dot product, shifted back
 // once per group.
 namespace {
-constexpr int64_t RB4 = 16;  // output rows per int4 block
+constexpr int64_t LANES = 16;  // output rows per int4 and int8 block: one row per 32-bit lane of a vector
 
 template <int MR>
 inline void int4_rows_block(const int8_t* qx, const float* sx, const float* xs, int64_t K, int64_t G,
@@ -192,7 +174,7 @@ inline void int4_rows_block(const int8_t* qx, const float* sx, const float* xs, 
   const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8(static_cast<char>(0xF0));
   __m512 facc[MR], macc[MR];
   for (int m = 0; m < MR; ++m) facc[m] = macc[m] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < ng; ++g, sm += 2 * RB4) {
+  for (int64_t g = 0; g < ng; ++g, sm += 2 * LANES) {
     __m512i alo[MR], ahi[MR];
     for (int m = 0; m < MR; ++m) alo[m] = ahi[m] = _mm512_setzero_si512();
     for (int64_t s = 0; s < sub; ++s) {
@@ -210,7 +192,7 @@ inline void int4_rows_block(const int8_t* qx, const float* sx, const float* xs, 
       }
     }
     const __m512 sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm)));
-    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + RB4)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + LANES)));
     for (int m = 0; m < MR; ++m) {
       const __m512i dot = _mm512_add_epi32(alo[m], _mm512_srai_epi32(ahi[m], 4));
       facc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, _mm512_set1_ps(sx[m * ng + g])), facc[m]);
@@ -228,7 +210,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor sm, i
   TORCH_CHECK(qb.dim() == 2 && qb.scalar_type() == at::kByte && qb.is_contiguous() && qb.device().is_cpu(),
               "a contiguous uint8 [out, in / 2] weight on the CPU");
   const int64_t K = x.size(-1), N = qb.size(0);
-  TORCH_CHECK(G % 32 == 0 && K % G == 0 && N % RB4 == 0 && qb.size(1) * 2 == K,
+  TORCH_CHECK(G % 32 == 0 && K % G == 0 && N % LANES == 0 && qb.size(1) * 2 == K,
               "group a multiple of 32 dividing in features, out features a multiple of 16");
   TORCH_CHECK(sm.scalar_type() == at::kHalf && sm.is_contiguous() && sm.numel() == 2 * N * (K / G),
               "fp16 scales and mins [N / 16, K / G, 2, 16]");
@@ -247,17 +229,17 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor sm, i
   const uint8_t* wp = qb.data_ptr<uint8_t>();
   const auto* sp = reinterpret_cast<const uint16_t*>(sm.data_ptr());
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N / RB4, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, N / LANES, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* w = wp + b * RB4 * K / 2;
-      const uint16_t* s = sp + b * 2 * RB4 * ng;
+      const uint8_t* w = wp + b * LANES * K / 2;
+      const uint16_t* s = sp + b * 2 * LANES * ng;
       int64_t m = 0;
       for (; m + 2 <= M; m += 2)
         int4_rows_block<2>(qx.data() + m * K, sx.data() + m * ng, xs.data() + m * ng, K, G, w, s,
-                           yp + m * N + b * RB4, N);
+                           yp + m * N + b * LANES, N);
       if (m < M)
         int4_rows_block<1>(qx.data() + m * K, sx.data() + m * ng, xs.data() + m * ng, K, G, w, s,
-                           yp + m * N + b * RB4, N);
+                           yp + m * N + b * LANES, N);
     }
   });
   return y.reshape(out_shape);
@@ -279,8 +261,8 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qb, torch::Tensor sm, i
 namespace {
 template <int MR, bool GROUPED, int CH>
 inline void int8_rows_block(const int8_t* qa, const int8_t* qb8, const float* sx, const int32_t* sq, int64_t K,
-                              int64_t C, int64_t G, const uint8_t* w, const uint16_t* gsc, const float* rsc,
-                              float* y, int64_t ldy, int64_t nvalid) {
+                            int64_t C, int64_t G, const uint8_t* w, const uint16_t* gsc, const float* rsc,
+                            float* y, int64_t ldy, int64_t nvalid) {
   const int64_t nc = K / C;
   __m512 facc[MR];
   for (int m = 0; m < MR; ++m) facc[m] = _mm512_setzero_ps();
@@ -288,7 +270,7 @@ inline void int8_rows_block(const int8_t* qa, const int8_t* qb8, const float* sx
   for (int64_t c = 0; c < nc; ++c) {
     if (GROUPED && (c * C) % G == 0) {
       sc = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(gsc)));
-      gsc += 16;
+      gsc += LANES;
     }
     // CH chains each (C / 32: a dpbusd's latency is several of its issue slots, and short chunks
     // overlap with the next one anyway)
@@ -308,7 +290,6 @@ inline void int8_rows_block(const int8_t* qa, const int8_t* qb8, const float* sx
         }
       }
     }
-    const int64_t nck = nc;
     for (int m = 0; m < MR; ++m) {
       __m512i a = A[m][0], b = B[m][0];
       for (int j = 1; j < CH; ++j) {
@@ -316,13 +297,13 @@ inline void int8_rows_block(const int8_t* qa, const int8_t* qb8, const float* sx
         b = _mm512_add_epi32(b, B[m][j]);
       }
       const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(_mm512_slli_epi32(a, 7), b),
-                                           _mm512_set1_epi32(128 * sq[m * nck + c]));
+                                           _mm512_set1_epi32(128 * sq[m * nc + c]));
       const __m512 f = _mm512_cvtepi32_ps(dot);
-      const __m512 s = _mm512_set1_ps(sx[m * nck + c]);
+      const __m512 s = _mm512_set1_ps(sx[m * nc + c]);
       facc[m] = _mm512_fmadd_ps(f, GROUPED ? _mm512_mul_ps(sc, s) : s, facc[m]);
     }
   }
-  const __mmask16 mask = nvalid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nvalid) - 1);
+  const __mmask16 mask = nvalid >= LANES ? 0xFFFF : static_cast<__mmask16>((1u << nvalid) - 1);
   for (int m = 0; m < MR; ++m) {
     __m512 r = facc[m];
     if (!GROUPED) r = _mm512_mul_ps(r, _mm512_maskz_loadu_ps(mask, rsc));
@@ -338,7 +319,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scale
   const int64_t K = x.size(-1), Np = qw.size(0);
   TORCH_CHECK(qw.dim() == 2 && qw.scalar_type() == at::kChar && qw.is_contiguous() && qw.device().is_cpu(),
               "an int8 weight, contiguous on the CPU");
-  TORCH_CHECK(Np % 16 == 0 && n <= Np && Np - n < 16 && qw.size(1) == K && K % 32 == 0,
+  TORCH_CHECK(Np % LANES == 0 && n <= Np && Np - n < LANES && qw.size(1) == K && K % 32 == 0,
               "x's last dimension must be the weight's in features (a multiple of 32); rows padded to 16");
   if (G == 0) {
     TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == Np,
@@ -363,35 +344,30 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qw, torch::Tensor scale
   const auto* gp = G ? reinterpret_cast<const uint16_t*>(scales.data_ptr()) : nullptr;
   const float* rp = G ? nullptr : scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, Np / 16, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, Np / LANES, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* w = wp + b * 16 * K;
-      const int64_t nv = std::min<int64_t>(16, n - b * 16);
-      const uint16_t* gs = G ? gp + b * ng * 16 : nullptr;
-      const float* rs = G ? nullptr : rp + b * 16;
+      const uint8_t* w = wp + b * LANES * K;
+      const int64_t nv = std::min<int64_t>(LANES, n - b * LANES);
+      const uint16_t* gs = G ? gp + b * ng * LANES : nullptr;
+      const float* rs = G ? nullptr : rp + b * LANES;
       auto block = [&](auto mr, auto grouped, int64_t m) {
         constexpr int MR = decltype(mr)::value;
         constexpr bool GR = decltype(grouped)::value;
         const int8_t *a = qa.data() + m * K, *lo = qb8.data() + m * K;
         const float* s = sx.data() + m * nc;
         const int32_t* q = sq.data() + m * nc;
-        float* out = yp + m * n + b * 16;
+        float* out = yp + m * n + b * LANES;
         if (C == 32) int8_rows_block<MR, GR, 1>(a, lo, s, q, K, C, G, w, gs, rs, out, n, nv);
         else if (C == 64) int8_rows_block<MR, GR, 2>(a, lo, s, q, K, C, G, w, gs, rs, out, n, nv);
         else int8_rows_block<MR, GR, 4>(a, lo, s, q, K, C, G, w, gs, rs, out, n, nv);
       };
-      int64_t m = 0;
-      if (G) {
-        for (; m + 2 <= M; m += 2)
-          block(std::integral_constant<int, 2>(), std::true_type(), m);
-        if (m < M)
-          block(std::integral_constant<int, 1>(), std::true_type(), m);
-      } else {
-        for (; m + 2 <= M; m += 2)
-          block(std::integral_constant<int, 2>(), std::false_type(), m);
-        if (m < M)
-          block(std::integral_constant<int, 1>(), std::false_type(), m);
-      }
+      auto rows = [&](auto grouped) {  // x's rows in pairs, then the odd one
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) block(std::integral_constant<int, 2>(), grouped, m);
+        if (m < M) block(std::integral_constant<int, 1>(), grouped, m);
+      };
+      if (G) rows(std::true_type());
+      else rows(std::false_type());
     }
   });
   return y.reshape(out_shape);
@@ -404,16 +380,16 @@ void int8_block_(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.device().is_cpu(),
               "a contiguous int8 CPU weight");
   const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(N % 16 == 0 && K % 4 == 0, "rows a multiple of 16, in features of 4");
+  TORCH_CHECK(N % LANES == 0 && K % 4 == 0, "rows a multiple of 16, in features of 4");
   auto* base = reinterpret_cast<uint8_t*>(w.data_ptr());
-  at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<uint8_t> tmp(16 * K);
+  at::parallel_for(0, N / LANES, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> tmp(LANES * K);
     for (int64_t b = b0; b < b1; ++b) {
-      uint8_t* blk = base + b * 16 * K;
+      uint8_t* blk = base + b * LANES * K;
       std::memcpy(tmp.data(), blk, tmp.size());
       for (int64_t c = 0; c < K / 4; ++c)
-        for (int64_t r = 0; r < 16; ++r)
-          for (int64_t j = 0; j < 4; ++j) blk[(c * 16 + r) * 4 + j] = tmp[r * K + 4 * c + j] ^ 0x80;
+        for (int64_t r = 0; r < LANES; ++r)
+          for (int64_t j = 0; j < 4; ++j) blk[(c * LANES + r) * 4 + j] = tmp[r * K + 4 * c + j] ^ 0x80;
     }
   });
 }
@@ -444,7 +420,6 @@ double read_probe(torch::Tensor buf) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("read_probe", &read_probe, "sum of a float32 buffer (a read-bandwidth probe)");
   m.def("block_weight", &block_weight, "[out, in] bf16 weight -> the kernel's blocked layout");
-  m.def("block_weight_", &block_weight_, "block_weight in place");
   m.def("unblock_weight", &unblock_weight, "the inverse of block_weight");
   m.def("blocked_linear", &blocked_linear, "x [..., in] bf16 @ blocked weight^T -> [..., out] bf16");
   m.def("int8_linear", &int8_linear,
