@@ -184,7 +184,7 @@ class Reply:
     def chunk(self, index: int, text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if text:
+            if text is not None:
                 delta["content"] = text
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
             return self._head("chat.completion.chunk") | {"choices": [choice]}

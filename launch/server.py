@@ -140,10 +140,12 @@ class Track:
         self._cut()
         if self.stopped:
             return False
-        safe = len(self.text) - self.hold
-        if safe > self.sent:
-            self._post(self.text[self.sent : safe], None)
-            self.sent = safe
+        # One event per token, its text possibly empty (held back: an incomplete UTF-8 sequence, a
+        # stop string that may be forming): a stream then carries one chunk per generated token, as
+        # vLLM's does, so its clients see every token's timing.
+        safe = max(self.sent, len(self.text) - self.hold)
+        self._post(self.text[self.sent : safe], None)
+        self.sent = safe
         return True
 
     def on_finish(self, seq: Sequence) -> None:
@@ -237,10 +239,9 @@ async def _complete(state: State, request: Request, chat: bool) -> Any:
                         err = ApiError(500, f"generation failed: {reason[len('error: '):]}", kind="server_error")
                         yield f"data: {json.dumps(err.body())}\n\n"
                         return
-                    if text:
-                        yield f"data: {json.dumps(reply.chunk(i, text, None))}\n\n"
+                    # a token's chunk; or the end, with what text was still held back
+                    yield f"data: {json.dumps(reply.chunk(i, text if reason is None else text or None, reason))}\n\n"
                     if reason is not None:
-                        yield f"data: {json.dumps(reply.chunk(i, None, reason))}\n\n"
                         left -= 1
                 if job.include_usage:
                     yield f"data: {json.dumps(reply.usage_chunk(tally()))}\n\n"

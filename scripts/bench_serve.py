@@ -7,8 +7,10 @@ several rates, against the same engine serving one static batch at a time.
 For each P it writes a random-weights checkpoint of the config, starts the server (torchrun for
 P > 1) on 127.0.0.1, and sends token-id prompts (lengths and max_tokens drawn from fixed ranges with
 a fixed seed; greedy) as streamed /v1/completions. Per request: time to first token (TTFT) and
-the gaps between streamed chunks (inter-token latency, ITL). The goals of issue 10, measured in
-one run:
+the gaps between streamed tokens (inter-token latency, ITL: the server streams a chunk per token,
+its text empty while a character's bytes are held back), and the gaps between chunks that carry
+text (longer where a character spans byte tokens: the tokenizer's, not the scheduler's). The goals
+of issue 10, measured in one run:
   1. closed loop at concurrency 16: output tokens/s >= 0.9x one static batch of 16 of the same
      prompts (the server with --static_batching, all 16 sent at once: exactly a static generate);
   2. Poisson arrivals at 70% of the capacity (requests/s at concurrency 16): >= 2x the throughput
@@ -86,7 +88,8 @@ async def one(client: httpx.AsyncClient, url: str, req: dict[str, Any]) -> dict[
     body = {"model": "m", "prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    times: list[float] = []
+    times: list[float] = []  # per token
+    text_times: list[float] = []  # per chunk that carries text
     tokens = 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -98,21 +101,33 @@ async def one(client: httpx.AsyncClient, url: str, req: dict[str, Any]) -> dict[
                 raise RuntimeError(msg["error"]["message"])
             if msg.get("usage"):
                 tokens = msg["usage"]["completion_tokens"]
+            now = time.perf_counter()
+            # The server streams one chunk per generated token (its text empty while bytes of a
+            # character are held back); the end comes as a chunk with a finish_reason.
+            if any(c.get("finish_reason") is None for c in msg["choices"]):
+                times.append(now)
             if any(c.get("text") for c in msg["choices"]):
-                times.append(time.perf_counter())
+                text_times.append(now)
     end = time.perf_counter()
     return {"start": t0, "end": end, "ttft": (times[0] - t0) if times else end - t0,
-            "itl": [b - a for a, b in zip(times, times[1:], strict=False)], "tokens": tokens}
+            "itl": gaps(times), "itl_text": gaps(text_times), "tokens": tokens}
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
 def summarize(results: list[dict[str, Any]], span: float) -> dict[str, float]:
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
+    itl_text = [x for r in results for x in r["itl_text"]]
     tokens = sum(r["tokens"] for r in results)
     return {"requests": len(results), "seconds": span, "requests_s": len(results) / span,
             "output_tok_s": tokens / span, "output_tokens": tokens,
             "ttft_p50_ms": pct(ttft, 50) * 1e3, "ttft_p99_ms": pct(ttft, 99) * 1e3,
-            "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3}
+            "itl_p50_ms": pct(itl, 50) * 1e3, "itl_p99_ms": pct(itl, 99) * 1e3,
+            # between chunks with text: longer where a character spans byte tokens
+            "text_gap_p50_ms": pct(itl_text, 50) * 1e3, "text_gap_p99_ms": pct(itl_text, 99) * 1e3}
 
 
 async def closed_loop(url: str, work: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
@@ -193,7 +208,8 @@ def main() -> None:
                     run["closed"].append(r | {"concurrency": c})
                     log(f"P={p} closed c={c}: {r['requests_s']:.2f} req/s, {r['output_tok_s']:.0f} tok/s, TTFT p50 "
                         f"{r['ttft_p50_ms']:.0f} p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} p99 "
-                        f"{r['itl_p99_ms']:.1f} ms")
+                        f"{r['itl_p99_ms']:.1f} ms (text gaps p50 {r['text_gap_p50_ms']:.1f} "
+                        f"p99 {r['text_gap_p99_ms']:.1f})")
                 cap = next((r["requests_s"] for r in run["closed"] if r["concurrency"] == 16),
                            max(r["requests_s"] for r in run["closed"]))
                 poisson_work = workload(a.requests, vocab, lens, new, 7)
@@ -202,7 +218,8 @@ def main() -> None:
                     run["poisson"].append(r | {"fraction": f})
                     log(f"P={p} poisson {f:.0%} of {cap:.2f} req/s: {r['requests_s']:.2f} req/s, "
                         f"{r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} "
-                        f"p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} p99 {r['itl_p99_ms']:.1f} ms")
+                        f"p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} p99 {r['itl_p99_ms']:.1f} ms "
+                        f"(text gaps p50 {r['text_gap_p50_ms']:.1f} p99 {r['text_gap_p99_ms']:.1f})")
             finally:
                 srv.stop()
             srv = Server(model, p, [*flags, "--static_batching"], tmp)

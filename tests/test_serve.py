@@ -51,13 +51,20 @@ def server(request: pytest.FixtureRequest, model: Path) -> Iterator[ServerProces
 
 
 def _stream_text(stream: object) -> tuple[str, str | None]:
-    text, reason = "", None
+    text, reason, _ = _stream(stream)
+    return text, reason
+
+
+def _stream(stream: object) -> tuple[str, str | None, int]:
+    """(text, finish reason, chunks before the end that are not chat's opening role chunk)."""
+    text, reason, tokens = "", None, 0
     for chunk in stream:  # type: ignore[attr-defined]
         for c in chunk.choices:
             piece = c.delta.content if hasattr(c, "delta") else c.text
             text += piece or ""
             reason = c.finish_reason or reason
-    return text, reason
+            tokens += c.finish_reason is None and getattr(getattr(c, "delta", None), "role", None) is None
+    return text, reason, tokens
 
 
 @pytest.mark.timeout(600)
@@ -71,7 +78,8 @@ def test_completions_and_chat_equal_offline_generate(server: ServerProcess, mode
         assert got.usage is not None and got.usage.completion_tokens == len(r["tokens"])
         assert got.choices[0].finish_reason == ("length" if len(r["tokens"]) == MAX else "stop")
         stream = c.completions.create(model="m", prompt=t, max_tokens=MAX, temperature=0, stream=True)
-        assert _stream_text(stream) == (r["text"], got.choices[0].finish_reason)
+        # one chunk per generated token (so clients see each token's timing), then the end
+        assert _stream(stream) == (r["text"], got.choices[0].finish_reason, len(r["tokens"]))
     # a list of prompts, and token ids, in one request
     both = c.completions.create(model="m", prompt=TEXTS[:2], max_tokens=MAX, temperature=0)
     assert [x.text for x in sorted(both.choices, key=lambda x: x.index)] == [r["text"] for r in ref[:2]]
@@ -84,7 +92,8 @@ def test_completions_and_chat_equal_offline_generate(server: ServerProcess, mode
         assert got_chat.choices[0].message.content == r["text"]
         stream = c.chat.completions.create(model="m", messages=msgs, max_tokens=MAX, temperature=0,  # type: ignore
                                            stream=True)
-        assert _stream_text(stream)[0] == r["text"]
+        text, _, tokens = _stream(stream)
+        assert (text, tokens) == (r["text"], len(r["tokens"]))
     assert [m.id for m in c.models.list().data] == ["m"]
 
 
