@@ -72,44 +72,71 @@ def test_merged_split_or_cut_steps_give_each_prompt_its_tokens_alone() -> None:
     assert sched.cut_units > 0  # prefill units cut at gaps of empty rows
 
 
-def capped_run(model: Transformer, ps: list[list[int]], itl_cap: float) -> tuple[list[list[int]], Scheduler, int]:
-    """Four short prompts start decoding, then a long one arrives; the scheduler believes a unit costs
-    20 ms + 1 ms a token (frozen). Returns the tokens, the scheduler and the most prompt tokens one
-    step prefilled while others were decoding."""
+def capped_run(model: Transformer, ps: list[list[int]], itl_cap: float, slots: int = 8, late: int = 1
+               ) -> tuple[list[list[int]], Scheduler, int, list[tuple[int, int]]]:
+    """Short prompts start decoding, then the last `late` prompts arrive together; the scheduler
+    believes a unit costs 20 ms + 1 ms a token (frozen). Returns the tokens, the scheduler, the most
+    prompt tokens one late prompt prefilled in a step while others were decoding, and the shape
+    (rows, tokens) of every unit dispatched after the late arrivals."""
     pipe = Pipeline(model, 0, 1, torch.device("cpu"), None)
-    sched = Scheduler(pipe, 8, 1, 128, 64, token_budget=256, merge=True, itl_cap=itl_cap)
+    sched = Scheduler(pipe, slots, 1, 128, 64, token_budget=256, merge=True, itl_cap=itl_cap)
     cost = StepCost()
     for n in (4, 64, 16, 32) * 5:
         cost.record(n, 0.02 + 1e-3 * n)
     cost.record = lambda n, s: None  # type: ignore[method-assign]
     sched.cost = cost
     seqs = [Sequence(p, 12) for p in ps]
-    for s in seqs[:4]:
+    early = seqs[: len(seqs) - late]
+    for s in early:
         sched.submit(s)
-    while not all(s.decoding for s in seqs[:4]):
+    while not all(s.decoding for s in early):
         sched.step()
-    sched.submit(seqs[4])
+    shapes: list[tuple[int, int]] = []
+    dispatch = pipe.dispatch
+    pipe.dispatch = lambda unit: (shapes.append(tuple(unit.tokens.shape)), dispatch(unit))[1]  # type: ignore
+    for s in seqs[len(early):]:
+        sched.submit(s)
     most = 0
     while sched.active:
-        before = seqs[4].prefilled
+        before = [s.prefilled for s in seqs[len(early):]]
         sched.step()
-        most = max(most, seqs[4].prefilled - before)
+        most = max(most, *(s.prefilled - b for s, b in zip(seqs[len(early):], before, strict=True)))
     sched.close()
-    return [s.out for s in seqs], sched, most
+    return [s.out for s in seqs], sched, most, shapes
 
 
 @pytest.mark.timeout(120)
 def test_itl_cap_bounds_the_prefill_beside_decoding() -> None:
     """--itl_cap: with 4 rows decoding, a step may cost at most 2 decode-only steps (24 ms), so the long
     prompt goes in the 16-token floor's chunks, not 51-token ones; every prompt still gets the
-    tokens it gets alone prefilled in chunks of that size."""
+    tokens it gets alone prefilled in chunks of that size. With every slot taken the cap is lifted."""
     model = random_model("moe_nowindow")
     ps = prompts(n=5, lengths=(4, 5, 6, 7, 60))
     params = GenerationParams(max_tokens=12, eos_ids=(), chunk_size=16)
     alone = [Pipeline(model, 0, 1, torch.device("cpu"), None).generate([p], params)[0] for p in ps]
-    got, sched, most = capped_run(model, ps, itl_cap=2.0)
+    got, sched, most, _ = capped_run(model, ps, itl_cap=2.0)
     assert got == alone
     assert most == 16 and sched.capped_steps >= 4
-    _, free, most_free = capped_run(model, ps, itl_cap=0.0)
+    _, free, most_free, _ = capped_run(model, ps, itl_cap=0.0)
     # without the cap: 51 tokens (the merged unit's 256-token budget over 5 rows) in one step
     assert most_free == 256 // 5 and free.capped_steps == 0
+    # five sequences in five slots: saturated, so the cap gives way to throughput
+    got, full, most_full, _ = capped_run(model, ps, itl_cap=2.0, slots=5)
+    assert got == alone and most_full == 256 // 5 and full.capped_steps == 0
+
+
+@pytest.mark.timeout(120)
+def test_itl_cap_prefills_a_burst_a_prompt_a_step() -> None:
+    """Three long prompts arrive at once beside 3 decoding rows: under the cap every prefill unit's
+    padded size (rows x longest chunk) stays within the 16-token allowance, where without the cap
+    all three go in one unit; the tokens are still each prompt's alone."""
+    model = random_model("moe_nowindow")
+    ps = prompts(n=6, lengths=(4, 5, 6, 40, 41, 42))
+    params = GenerationParams(max_tokens=12, eos_ids=(), chunk_size=16)
+    alone = [Pipeline(model, 0, 1, torch.device("cpu"), None).generate([p], params)[0] for p in ps]
+    got, _, _, shapes = capped_run(model, ps, itl_cap=2.0, late=3)
+    assert got == alone
+    prefill = [sh for sh in shapes if sh[1] > 1]
+    assert prefill and all(r * t <= 16 for r, t in prefill), prefill
+    got, _, _, free = capped_run(model, ps, itl_cap=0.0, late=3)
+    assert got == alone and max(r for r, t in free if t > 1) >= 3
