@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -27,17 +28,26 @@ constexpr int64_t KS = 32;  // input elements per row per k-step (one 64-byte li
 
 inline float reduce(__m512 acc) { return _mm512_reduce_add_ps(acc); }
 
-// One row of x against one block: the block is read once, front to back.
-inline void row_block(const uint16_t* x, const uint16_t* w, int64_t K, c10::BFloat16* y) {
-  __m512 acc[RB];
-  for (int r = 0; r < RB; ++r) acc[r] = _mm512_setzero_ps();
+// One row of x against S consecutive blocks, read side by side: S sequential streams in flight
+// (one stream per thread left the 2 cores at ~85 % of the read bandwidth; three reach it, measured
+// in docs/benchmarks.md); every row's sum is the same as with one block at a time.
+template <int S>
+inline void row_blocks(const uint16_t* x, const uint16_t* w, int64_t K, c10::BFloat16* y) {
+  __m512 acc[S][RB];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < RB; ++r) acc[s][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += KS) {
     const __m512i xv = _mm512_loadu_si512(x + k);
-    for (int r = 0; r < RB; ++r, w += KS)
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w), (__m512bh)xv);
+    for (int r = 0; r < RB; ++r)
+      for (int s = 0; s < S; ++s)
+        acc[s][r] = _mm512_dpbf16_ps(acc[s][r], (__m512bh)_mm512_loadu_si512(w + s * RB * K + k * RB + r * KS),
+                                     (__m512bh)xv);
   }
-  for (int r = 0; r < RB; ++r) y[r] = c10::BFloat16(reduce(acc[r]));
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < RB; ++r) y[s * RB + r] = c10::BFloat16(reduce(acc[s][r]));
 }
+constexpr int64_t STREAMS = 3;  // blocks read side by side at one row (3 x 8 accumulators)
+constexpr int64_t CHUNK = 16;   // groups of STREAMS blocks a thread takes at a time
 
 // MR rows of x against one block (MR * RB accumulators + MR + 1 live vectors fit the 32 registers
 // for MR <= 3): every weight vector loaded serves MR rows.
@@ -95,14 +105,29 @@ torch::Tensor blocked_linear(torch::Tensor x, torch::Tensor wb) {
   const auto* wp = reinterpret_cast<const uint16_t*>(wb.data_ptr());
   auto* yp = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
   if (M == 0) return y.reshape(out_shape);
-  at::parallel_for(0, N / RB, 1, [&](int64_t b0, int64_t b1) {
+  const int64_t nb = N / RB;
+  if (M == 1) {
+    // Threads take CHUNK groups of STREAMS blocks at a time from a shared counter, so a thread that
+    // the host slows down does less of the matrix instead of holding the others up at the end.
+    const int64_t groups = (nb + STREAMS - 1) / STREAMS;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (int64_t g0; (g0 = next.fetch_add(CHUNK, std::memory_order_relaxed)) < groups;) {
+        for (int64_t g = g0; g < std::min(groups, g0 + CHUNK); ++g) {
+          const int64_t b = g * STREAMS, left = std::min(STREAMS, nb - b);
+          const uint16_t* w = wp + b * RB * K;
+          if (left == 3) row_blocks<3>(xp, w, K, yp + b * RB);
+          else if (left == 2) row_blocks<2>(xp, w, K, yp + b * RB);
+          else row_blocks<1>(xp, w, K, yp + b * RB);
+        }
+      }
+    });
+    return y.reshape(out_shape);
+  }
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const uint16_t* w = wp + b * RB * K;
       c10::BFloat16* yb = yp + b * RB;
-      if (M == 1) {
-        row_block(xp, w, K, yb);
-        continue;
-      }
       int64_t m = 0;
       for (; m + 3 <= M; m += 3) rows_block<3>(xp + m * K, K, w, K, yb + m * N, N);
       if (M - m == 2) rows_block<2>(xp + m * K, K, w, K, yb + m * N, N);
@@ -396,20 +421,27 @@ void int8_block_(torch::Tensor w) {
 
 // A read-bandwidth probe: the sum of a float32 buffer with four independent AVX-512 accumulators per
 // thread (torch's own sum reads at ~60 % of this on the machines measured; see bench --bandwidth).
-double read_probe(torch::Tensor buf) {
+// The sum of a float32 buffer: a read-bandwidth probe. Each thread reads its share as `streams`
+// equal parts side by side (several streams in flight read faster on some hosts, as the bf16
+// kernel does at one row).
+double read_probe(torch::Tensor buf, int64_t streams) {
   TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.numel() % 64 == 0, "float32, 64n");
+  TORCH_CHECK(streams >= 1 && streams <= 8, "1 to 8 streams");
   const auto* p = buf.data_ptr<float>();
   const int64_t n = buf.numel() / 64;  // 4 vectors a step
   std::vector<double> part(at::get_num_threads() + 1, 0.0);
   at::parallel_for(0, n, 1024, [&](int64_t a, int64_t b) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-    for (int64_t i = a; i < b; ++i) {
-      const float* q = p + i * 64;
+    const int64_t h = (b - a) / streams;
+    auto add = [&](const float* q) {
       s0 = _mm512_add_ps(s0, _mm512_loadu_ps(q));
       s1 = _mm512_add_ps(s1, _mm512_loadu_ps(q + 16));
       s2 = _mm512_add_ps(s2, _mm512_loadu_ps(q + 32));
       s3 = _mm512_add_ps(s3, _mm512_loadu_ps(q + 48));
-    }
+    };
+    for (int64_t i = 0; i < h; ++i)
+      for (int64_t s = 0; s < streams; ++s) add(p + (a + s * h + i) * 64);
+    for (int64_t i = a + streams * h; i < b; ++i) add(p + i * 64);
     part[at::get_thread_num()] += reduce(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
   });
   double total = 0;
@@ -418,7 +450,7 @@ double read_probe(torch::Tensor buf) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("read_probe", &read_probe, "sum of a float32 buffer (a read-bandwidth probe)");
+  m.def("read_probe", &read_probe, "sum of a float32 buffer, each thread's share read as `streams` parts side by side (a read-bandwidth probe)");
   m.def("block_weight", &block_weight, "[out, in] bf16 weight -> the kernel's blocked layout");
   m.def("unblock_weight", &unblock_weight, "the inverse of block_weight");
   m.def("blocked_linear", &blocked_linear, "x [..., in] bf16 @ blocked weight^T -> [..., out] bf16");
