@@ -3,6 +3,7 @@ memory high-water marks and memory bandwidth."""
 
 from __future__ import annotations
 
+import functools
 import resource
 import statistics
 import sys
@@ -239,5 +240,5 @@ def measure_bandwidth(nbytes: int, device: torch.device, iters: int = 5) -> dict
         kernels = blocked_kernels()  # an AVX-512 sum reads faster than torch's: the better floor
         if kernels is not None:
             # one stream per thread, and four side by side (faster on this host in its fast state)
-            out["read_simd_gbs"] = size / min(best(lambda s=s: kernels.read_probe(src, s)) for s in (1, 4)) / GB
+            out["read_simd_gbs"] = size / min(best(functools.partial(kernels.read_probe, src, s)) for s in (1, 4)) / GB
     return out
