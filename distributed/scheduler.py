@@ -69,6 +69,10 @@ def padded_tokens(work: list[tuple[Sequence, list[int], int]]) -> int:
 
 # A merged step's chunks are cut to budget / rows, but not below this many tokens.
 MIN_MERGED_CHUNK = 16
+# Under --itl_cap a step prefills at least this many prompt tokens. It is the cap's trade between even
+# gaps and time to first token: on mistral-mini under Poisson arrivals at 70 %, ITL p99 / p50 was 1.1-1.6x
+# at 16 (TTFT p50 1.3-1.65 s), 2.4-2.7x at 32 (0.51-0.74 s), 3.6x at 48 (0.55 s); 0.54-0.58 s uncapped.
+MIN_CAPPED_CHUNK = 32
 
 
 @dataclass(eq=False)
@@ -308,13 +312,13 @@ class Scheduler:
         """Under --itl_cap: the prompt tokens a step may take beside a decode unit of `decode_tokens`
         padded tokens, so that it costs at most `cap` decode-only steps (StepCost's line): merged,
         one unit of that many padded tokens; apart, a second unit of its own fixed cost. Never below
-        MIN_MERGED_CHUNK (new prompts always advance) nor above the token budget."""
+        MIN_CAPPED_CHUNK (new prompts advance) nor above the token budget."""
         fixed, per_token = fit
         if per_token <= 0:
             return self.token_budget
         decode = fixed + per_token * decode_tokens
         extra = cap * decode - fixed if merged else (cap - 1) * decode - fixed
-        return min(self.token_budget, max(MIN_MERGED_CHUNK, int(extra / per_token)))
+        return min(self.token_budget, max(MIN_CAPPED_CHUNK, int(extra / per_token)))
 
     def _plan(self, seqs: list[Sequence], budget: float, merging: bool) -> list[tuple[Sequence, int]]:
         """(sequence, prompt tokens it prefills this step), in admission order, within `budget`.
@@ -342,7 +346,7 @@ class Scheduler:
         (rows from its first slot to its last x the first prompt's chunk) stays within `budget`, so
         that a burst of arrivals is prefilled a few prompts a step, not all in one long step.
         `decoding`: the slots of decode rows the unit also carries (a merged step); none fitting
-        means no merge. A unit of its own always takes its first prompt, at least MIN_MERGED_CHUNK
+        means no merge. A unit of its own always takes its first prompt, at least MIN_CAPPED_CHUNK
         tokens of it (new prompts always advance)."""
         plan: list[tuple[Sequence, int]] = []
         slots = list(decoding or [])
@@ -353,7 +357,7 @@ class Scheduler:
                 continue
             span = max(*slots, s.slot) - min(*slots, s.slot) + 1 if slots else 1
             if not plan:
-                width = int(min(self.chunk, left, max(MIN_MERGED_CHUNK, budget // span)))
+                width = int(min(self.chunk, left, max(MIN_CAPPED_CHUNK, budget // span)))
                 if decoding and span * width > budget:
                     break
             elif span * width > budget:

@@ -123,9 +123,9 @@ class ServeOptions(RunOptions):
     # the chunk): auto = where the padding costs less than the pass it saves, learnt from the step times
     merge_steps: str = field(default="auto", choices=["auto", "always", "never"])
     # a step that prefills new prompts besides decoding may take at most this many decode-only steps
-    # (predicted from the measured step times, counting padded tokens; never fewer than 16 prompt
-    # tokens a step), lifted while every slot is taken: even inter-token gaps for streaming clients
-    # at a cost in time to first token under moderate load (mistral-mini, Poisson arrivals at 70 %
-    # of capacity: ITL p99/p50 1.2x against 5-8x without, TTFT p50 1.4-1.7 s against 0.5-0.6 s;
-    # docs/benchmarks.md); 0 = only --token_budget bounds a step's prefill
+    # (predicted from the measured step times, counting padded tokens; never fewer than 32 prompt
+    # tokens a step), lifted while every slot is taken: more even inter-token gaps for streaming
+    # clients, at some cost in time to first token under moderate load (mistral-mini, Poisson
+    # arrivals at 70 % of capacity: ITL p99/p50 2.4-2.7x against 3.6-8x without, TTFT p50
+    # 0.51-0.74 s against 0.43-0.58 s; docs/benchmarks.md); 0 = only --token_budget bounds it
     itl_cap: float = 2.0

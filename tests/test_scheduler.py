@@ -8,7 +8,7 @@ import torch
 from common import prompts, random_model
 
 from distributed.pipeline import GenerationParams, Pipeline
-from distributed.scheduler import Scheduler, Sequence, StepCost
+from distributed.scheduler import MIN_CAPPED_CHUNK, Scheduler, Sequence, StepCost
 from model.transformer import Transformer
 
 
@@ -107,16 +107,17 @@ def capped_run(model: Transformer, ps: list[list[int]], itl_cap: float, slots: i
 
 @pytest.mark.timeout(120)
 def test_itl_cap_bounds_the_prefill_beside_decoding() -> None:
-    """--itl_cap: with 4 rows decoding, a step may cost at most 2 decode-only steps (24 ms), so the long
-    prompt goes in the 16-token floor's chunks, not 51-token ones; every prompt still gets the
-    tokens it gets alone prefilled in chunks of that size. With every slot taken the cap is lifted."""
+    """--itl_cap: with 4 rows decoding, a step may cost at most 2 decode-only steps (24 ms: 28 tokens
+    merged), so the long prompt goes in the floor's chunks (MIN_CAPPED_CHUNK, 32), not 51-token ones;
+    every prompt still gets the tokens it gets alone prefilled in chunks of that size. With every slot
+    taken the cap is lifted."""
     model = random_model("moe_nowindow")
     ps = prompts(n=5, lengths=(4, 5, 6, 7, 60))
     params = GenerationParams(max_tokens=12, eos_ids=(), chunk_size=16)
     alone = [Pipeline(model, 0, 1, torch.device("cpu"), None).generate([p], params)[0] for p in ps]
     got, sched, most, _ = capped_run(model, ps, itl_cap=2.0)
     assert got == alone
-    assert most == 16 and sched.capped_steps >= 4
+    assert MIN_CAPPED_CHUNK < 256 // 5 and most == MIN_CAPPED_CHUNK and sched.capped_steps >= 1
     _, free, most_free, _ = capped_run(model, ps, itl_cap=0.0)
     # without the cap: 51 tokens (the merged unit's 256-token budget over 5 rows) in one step
     assert most_free == 256 // 5 and free.capped_steps == 0
@@ -128,8 +129,8 @@ def test_itl_cap_bounds_the_prefill_beside_decoding() -> None:
 @pytest.mark.timeout(120)
 def test_itl_cap_prefills_a_burst_a_prompt_a_step() -> None:
     """Three long prompts arrive at once beside 3 decoding rows: under the cap every prefill unit's
-    padded size (rows x longest chunk) stays within the 16-token allowance, where without the cap
-    all three go in one unit; the tokens are still each prompt's alone."""
+    padded size (rows x longest chunk) stays within the allowance (the floor, MIN_CAPPED_CHUNK), where
+    without the cap all three go in one unit; the tokens are still each prompt's alone."""
     model = random_model("moe_nowindow")
     ps = prompts(n=6, lengths=(4, 5, 6, 40, 41, 42))
     params = GenerationParams(max_tokens=12, eos_ids=(), chunk_size=16)
@@ -137,6 +138,6 @@ def test_itl_cap_prefills_a_burst_a_prompt_a_step() -> None:
     got, _, _, shapes = capped_run(model, ps, itl_cap=2.0, late=3)
     assert got == alone
     prefill = [sh for sh in shapes if sh[1] > 1]
-    assert prefill and all(r * t <= 16 for r, t in prefill), prefill
+    assert prefill and all(r * t <= MIN_CAPPED_CHUNK for r, t in prefill), prefill
     got, _, _, free = capped_run(model, ps, itl_cap=0.0, late=3)
     assert got == alone and max(r for r, t in free if t > 1) >= 3
