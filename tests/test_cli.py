@@ -52,6 +52,11 @@ COMMAND_FLAGS = {
     "interactive": [*RUN_FLAGS, "--instruct"],
     "generate": [*RUN_FLAGS, "--input", "--output", "--batch_size", "--instruct"],
     "make-checkpoint": ["--config", "--dtype", "--format", "--seed"],
+    "serve": [*RUN_FLAGS, "--host", "--port", "--max_batch", "--max_queue", "--api_key", "--token_budget",
+              "--itl_cap"],
+    "perplexity": ["--num_pipeline_ranks", "--dtype"],
+    "quantize": ["--quantize"],
+    "bench": ["--num_pipeline_ranks", "--batch_size"],
 }
 
 
