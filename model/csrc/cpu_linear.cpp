@@ -47,6 +47,7 @@ inline void row_blocks(const uint16_t* x, const uint16_t* w, int64_t K, c10::BFl
     for (int r = 0; r < RB; ++r) y[s * RB + r] = c10::BFloat16(reduce(acc[s][r]));
 }
 constexpr int64_t STREAMS = 3;  // blocks read side by side at one row (3 x 8 accumulators)
+static_assert(STREAMS == 3, "blocked_linear's one-row dispatch handles groups of 1 to 3 blocks");
 constexpr int64_t CHUNK = 16;   // groups of STREAMS blocks a thread takes at a time
 
 // MR rows of x against one block (MR * RB accumulators + MR + 1 live vectors fit the 32 registers
@@ -421,9 +422,8 @@ void int8_block_(torch::Tensor w) {
 
 // A read-bandwidth probe: the sum of a float32 buffer with four independent AVX-512 accumulators per
 // thread (torch's own sum reads at ~60 % of this on the machines measured; see bench --bandwidth).
-// The sum of a float32 buffer: a read-bandwidth probe. Each thread reads its share as `streams`
-// equal parts side by side (several streams in flight read faster on some hosts, as the bf16
-// kernel does at one row).
+// Each thread reads its share as `streams` equal parts side by side (several streams in flight read
+// faster on some hosts, as the bf16 kernel does at one row).
 double read_probe(torch::Tensor buf, int64_t streams) {
   TORCH_CHECK(buf.scalar_type() == at::kFloat && buf.is_contiguous() && buf.numel() % 64 == 0, "float32, 64n");
   TORCH_CHECK(streams >= 1 && streams <= 8, "1 to 8 streams");
