@@ -355,7 +355,7 @@ class Scheduler:
             left = len(s.prompt) - s.prefilled
             if s.decoding or left <= 0:
                 continue
-            span = max(*slots, s.slot) - min(*slots, s.slot) + 1 if slots else 1
+            span = max([*slots, s.slot]) - min([*slots, s.slot]) + 1
             if not plan:
                 width = int(min(self.chunk, left, max(MIN_CAPPED_CHUNK, budget // span)))
                 if decoding and span * width > budget:

@@ -131,6 +131,13 @@ def summarize(results: list[dict[str, Any]], span: float) -> dict[str, float]:
             "text_gap_p50_ms": pct(itl_text, 50) * 1e3, "text_gap_p99_ms": pct(itl_text, 99) * 1e3}
 
 
+def latencies(r: dict[str, float]) -> str:
+    """A progress line's tokens/s, TTFT and ITL part."""
+    return (f"{r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 "
+            f"{r['itl_p50_ms']:.1f} p99 {r['itl_p99_ms']:.1f} ms (text gaps p50 {r['text_gap_p50_ms']:.1f} "
+            f"p99 {r['text_gap_p99_ms']:.1f})")
+
+
 async def closed_loop(url: str, work: list[dict[str, Any]], concurrency: int) -> dict[str, float]:
     todo = list(work)
     out: list[dict[str, Any]] = []
@@ -207,20 +214,14 @@ def main() -> None:
                 for c in [int(x) for x in a.concurrency.split(",")]:
                     r = asyncio.run(closed_loop(srv.url, workload(max(a.requests, 2 * c), vocab, lens, new, c), c))
                     run["closed"].append(r | {"concurrency": c})
-                    log(f"P={p} closed c={c}: {r['requests_s']:.2f} req/s, {r['output_tok_s']:.0f} tok/s, TTFT p50 "
-                        f"{r['ttft_p50_ms']:.0f} p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} p99 "
-                        f"{r['itl_p99_ms']:.1f} ms (text gaps p50 {r['text_gap_p50_ms']:.1f} "
-                        f"p99 {r['text_gap_p99_ms']:.1f})")
+                    log(f"P={p} closed c={c}: {r['requests_s']:.2f} req/s, {latencies(r)}")
                 cap = next((r["requests_s"] for r in run["closed"] if r["concurrency"] == 16),
                            max(r["requests_s"] for r in run["closed"]))
                 poisson_work = workload(a.requests, vocab, lens, new, 7)
                 for f in [float(x) for x in a.rates.split(",")]:
                     r = asyncio.run(open_loop(srv.url, poisson_work, f * cap, 11))
                     run["poisson"].append(r | {"fraction": f})
-                    log(f"P={p} poisson {f:.0%} of {cap:.2f} req/s: {r['requests_s']:.2f} req/s, "
-                        f"{r['output_tok_s']:.0f} tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} "
-                        f"p99 {r['ttft_p99_ms']:.0f} ms, ITL p50 {r['itl_p50_ms']:.1f} p99 {r['itl_p99_ms']:.1f} ms "
-                        f"(text gaps p50 {r['text_gap_p50_ms']:.1f} p99 {r['text_gap_p99_ms']:.1f})")
+                    log(f"P={p} poisson {f:.0%} of {cap:.2f} req/s: {r['requests_s']:.2f} req/s, {latencies(r)}")
             finally:
                 srv.stop()
             srv = Server(model, p, [*flags, "--static_batching"], tmp)
