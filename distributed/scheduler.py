@@ -71,7 +71,7 @@ def padded_tokens(work: list[tuple[Sequence, list[int], int]]) -> int:
 MIN_MERGED_CHUNK = 16
 # Under --itl_cap a step prefills at least this many prompt tokens. It is the cap's trade between even
 # gaps and time to first token: on mistral-mini under Poisson arrivals at 70 %, ITL p99 / p50 was 1.1-1.6x
-# at 16 (TTFT p50 1.3-1.65 s), 2.4-2.7x at 32 (0.51-0.74 s), 3.6x at 48 (0.55 s); 0.54-0.58 s uncapped.
+# at 16 (TTFT p50 1.3-1.65 s), 2.4-2.75x at 32 (0.51-0.74 s), 3.6x at 48 (0.55 s); 0.54-0.58 s uncapped.
 MIN_CAPPED_CHUNK = 32
 
 

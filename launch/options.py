@@ -126,6 +126,6 @@ class ServeOptions(RunOptions):
     # (predicted from the measured step times, counting padded tokens; never fewer than 32 prompt
     # tokens a step), lifted while every slot is taken: more even inter-token gaps for streaming
     # clients, at some cost in time to first token under moderate load (mistral-mini, Poisson
-    # arrivals at 70 percent of capacity: ITL p99/p50 2.4-2.7x against 3.6-8x without, TTFT p50
+    # arrivals at 70 percent of capacity: ITL p99/p50 2.4-2.75x against 3.6-8x without, TTFT p50
     # 0.51-0.74 s against 0.43-0.58 s; docs/benchmarks.md); 0 = only --token_budget bounds it
     itl_cap: float = 2.0
