@@ -40,12 +40,13 @@ class RunOptions:
     # input columns sharing a scale (and an int4 zero point); unset: 32 for int4, one scale per output
     # channel for int8 (int8 with 32: GGUF Q8_0's layout, closer to the float model, 0.5 bit more a weight)
     group_size: int | None = None
-    # CPU bf16 linears: "blocked" = the engine's AVX512-BF16 kernel (weights streamed in blocks of 8 rows;
+    # CPU bf16 linears: "blocked" = the engine's own kernel (weights streamed in blocks of 8 rows;
     # fastest at 1-2 rows a step: decode at batch 1-2; built once with the C++ compiler), "onednn" =
     # oneDNN's packed layout (faster from 3 rows: batched decode, prefill); auto: blocked when a decode
-    # step has at most 2 rows (interactive, bench/generate --batch_size 1-2) and the CPU has AVX512-BF16.
-    # --quantize int8/int4 take the engine's own kernels (int4: int8 activations, AVX512-VNNI) unless
-    # this is "onednn" (PyTorch's packed int8/int4 kernels)
+    # step has at most 2 rows (interactive, bench/generate --batch_size 1-2) and the CPU has AVX512-BF16,
+    # or at any batch on CPUs with AVX2 but no AVX-512 (oneDNN cannot pack bf16 there; the kernel's AVX2
+    # build). --quantize int8/int4 take the engine's own kernels (int4: int8 activations, AVX512-VNNI)
+    # unless this is "onednn" or the CPU has no AVX512-VNNI (PyTorch's packed int8/int4 kernels)
     cpu_linear: str = field(default="auto", choices=["auto", "blocked", "onednn"])
 
 

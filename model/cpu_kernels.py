@@ -5,11 +5,12 @@
   memory bandwidth; the same GEMM on a weight packed once by oneDNN (what inductor's freezing pass
   does) gives bit-identical results 1.2-3x faster in decode, and it is the faster kernel from 3
   rows a step up (batched decode, prefill).
-- The engine's own AVX512-BF16 kernel (`block_linears`, model/csrc/cpu_linear.cpp, built at run
-  time with torch's cpp_extension): weights in blocks of 8 rows read as one sequential stream,
-  1.3-1.45x oneDNN's packed kernel at 1-2 rows a step (decode at batch 1-2), slower from 3 rows
-  (docs/benchmarks.md). Needs a CPU with avx512_bf16, a C++ compiler and ninja; without them the
-  engine stays on oneDNN and says why.
+- The engine's own bf16 kernel (`block_linears`, model/csrc/cpu_linear.cpp, built at run time with
+  torch's cpp_extension): weights in blocks of 8 rows read as one sequential stream. With AVX512-BF16,
+  1.3-1.45x oneDNN's packed kernel at 1-2 rows a step (decode at batch 1-2), slower from 3 rows. On
+  CPUs with AVX2 but no AVX-512 (AMD Zen 2/3, ...), where oneDNN cannot pack bf16 at all, an AVX2 build
+  of the same kernel: 1.6x torch's plain bf16 GEMM at 1 row, 3-5x from 2 rows (docs/benchmarks.md).
+  Needs a C++ compiler and ninja; without them the engine stays on oneDNN (or torch) and says why.
 
 Parameter names do not change; a re-laid-out weight has the same shape (oneDNN's is opaque), so such
 a model is for inference only (do not save its state_dict; `unpack_linears` restores plain weights).
@@ -26,9 +27,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+_packing_error: str | None = None
+
 
 def _packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether oneDNN's bf16 packed layout works on this CPU (tried once on a small weight): oneDNN's
+    bf16 path needs AVX512 (bw, vl, dq) or AVX-NE-CONVERT, and raises on other CPUs (AVX2-only
+    ones such as AMD Zen 3), where the bf16 linears stay on torch's plain kernel."""
+    global _packing_error
+    if _packing_error is None:
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+            _packing_error = "this torch build has no oneDNN packed linears"
+        else:
+            try:
+                torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 32, dtype=torch.bfloat16), 1)
+                _packing_error = ""
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                _packing_error = f"oneDNN cannot pack bf16 weights on this CPU ({first[:160]})"
+    return not _packing_error
 
 
 @torch.library.custom_op("mistral_pipeline::packed_linear", mutates_args=())
@@ -49,6 +66,12 @@ class PackedLinear(nn.Linear):
         if torch.compiler.is_compiling():
             return packed_linear(x, self.weight, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def packing_error() -> str:
+    """Why oneDNN's bf16 packed layout is unavailable here ("" where it is available)."""
+    _packing_available()
+    return _packing_error or ""
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -89,26 +112,48 @@ def unpack_linears(model: nn.Module) -> int:
     return n
 
 
-# ---- the engine's AVX512-BF16 kernel ----------------------------------------------------------------
+# ---- the engine's own kernels (AVX512-BF16 or AVX2 builds) ------------------------------------------
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_linear.cpp"
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-fopenmp"]
+# One source, two builds (each cached under its own name): every kernel with AVX-512, the bf16 one only
+# with AVX2 (model/csrc/cpu_linear.cpp says why).
+_FLAGS = {
+    "avx512": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-fopenmp"],
+    "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+}
+ISA_NAMES = {"avx512": "AVX512-BF16", "avx2": "AVX2"}
 _kernels: ModuleType | None = None
 _kernels_error: str | None = None
 
 
-def _cpu_has_avx512_bf16() -> bool:
-    """AVX512-BF16 and AVX512-VNNI (every CPU with the first has the second: Cooper Lake, Sapphire
-    Rapids and later, Zen 4 and later)."""
+def _cpu_isa() -> str | None:
+    """"avx512" where the CPU has AVX512-BF16 and AVX512-VNNI (every CPU with the first has the second:
+    Cooper Lake, Sapphire Rapids and later, Zen 4 and later), else "avx2" with AVX2, FMA and F16C,
+    else None."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and {"avx512_bf16", "avx512_vnni"} <= set(line.split()) for line in f)
+            flags = next((set(line.split()) for line in f if line.startswith("flags")), set())
     except OSError:
-        return False
+        return None
+    if {"avx512_bf16", "avx512_vnni", "avx512bw", "avx512vl"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else None
+
+
+def kernels_isa() -> str | None:
+    """Which build of the engine's kernels this process has ("avx512", "avx2"), None if none."""
+    k = blocked_kernels()
+    return None if k is None else str(k.ISA)
+
+
+def int_kernels() -> ModuleType | None:
+    """The engine's kernels when they include int8 and int4 (the AVX-512 build), else None."""
+    k = blocked_kernels(log=True)
+    return k if k is not None and hasattr(k, "int8_linear") else None
 
 
 def blocked_kernels_error() -> str | None:
-    """Why the AVX512-BF16 kernel is unavailable (None when it is available or not yet tried)."""
+    """Why the engine's kernels are unavailable (None when they are available or not yet tried)."""
     return _kernels_error
 
 
@@ -119,24 +164,25 @@ def blocked_kernels(log: bool = False) -> ModuleType | None:
     global _kernels, _kernels_error
     if _kernels is not None or _kernels_error is not None:
         return _kernels
-    if not _cpu_has_avx512_bf16():
-        _kernels_error = "this CPU has no avx512_bf16 (or no avx512_vnni)"
+    isa = _cpu_isa()
+    if isa is None:
+        _kernels_error = "this CPU has neither AVX512-BF16 nor AVX2 with FMA"
         return None
     try:
         from torch.utils import cpp_extension
 
         cpp_extension.verify_ninja_availability()
-        name = "mistral_pipeline_cpu_linear"
+        name = "mistral_pipeline_cpu_linear" + ("" if isa == "avx512" else "_" + isa)
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
         lock = build_dir / "lock"  # left by a build that was killed: torch would wait on it forever
         if lock.exists() and time.time() - lock.stat().st_mtime > 600:
             lock.unlink(missing_ok=True)
         t0 = time.monotonic()
         if log and not (build_dir / f"{name}.so").exists():
-            print(f"building the AVX512-BF16 linear kernel once (~30 s; cached in {build_dir})", file=sys.stderr)
-        _kernels = cpp_extension.load(name, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+            print(f"building the {ISA_NAMES[isa]} linear kernels once (~30 s; cached in {build_dir})", file=sys.stderr)
+        _kernels = cpp_extension.load(name, [str(_SOURCE)], extra_cflags=_FLAGS[isa], extra_ldflags=["-fopenmp"])
         if log and time.monotonic() - t0 > 2:
-            print(f"AVX512-BF16 linear kernel built in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+            print(f"{ISA_NAMES[isa]} linear kernels built in {time.monotonic() - t0:.0f} s", file=sys.stderr)
     except Exception as e:  # no compiler, no ninja, no headers: oneDNN stays
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         _kernels_error = f"could not build it ({type(e).__name__}: {first[:200]})"
@@ -184,7 +230,7 @@ def _(x: torch.Tensor, qweight: torch.Tensor, sm: torch.Tensor, group: int) -> t
 
 
 class BlockedLinear(nn.Linear):
-    """A bias-free bf16 nn.Linear whose weight is in the AVX512-BF16 kernel's blocked layout."""
+    """A bias-free bf16 nn.Linear whose weight is in the engine's bf16 kernel's blocked layout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -242,19 +288,30 @@ BLOCKED_MAX_ROWS = 2  # the blocked kernel is the faster one up to this many row
 def prepare_cpu_linears(model: nn.Module, kind: str = "auto", step_rows: int | None = None) -> str:
     """Lay out the bf16 CPU linears of model for the chosen kernel; returns what was done, one line.
     kind "auto": the blocked kernel when a decode step has at most BLOCKED_MAX_ROWS rows per stage
-    (step_rows; unknown counts as many) and the kernel is available, else oneDNN's packed layout.
+    (step_rows; unknown counts as many) or oneDNN cannot pack bf16 on this CPU, and the kernel is
+    available; else oneDNN's packed layout.
     "blocked" falls back to oneDNN (saying why) where the kernel is unavailable. Linears the blocked
     kernel does not take (shapes, bias) are packed by oneDNN either way."""
     if kind not in CPU_LINEAR_KINDS:
         raise ValueError(f"unknown CPU linear kernel {kind!r} (one of {', '.join(CPU_LINEAR_KINDS)})")
     why = ""
-    if kind == "blocked" or (kind == "auto" and step_rows is not None and step_rows <= BLOCKED_MAX_ROWS):
+    few = step_rows is not None and step_rows <= BLOCKED_MAX_ROWS
+    # Where oneDNN cannot pack bf16 (AVX2-only CPUs) the blocked kernel wins at every row count: torch's
+    # plain bf16 GEMM there is 1.6x slower at 1 row and 4-5x from 2 rows (docs/benchmarks.md).
+    if kind == "blocked" or (kind == "auto" and (few or not _packing_available())):
         nb = block_linears(model)
         if nb:
             n = pack_linears(model)
             rest = f"; {n} others on oneDNN's packed layout" if n else ""
-            return f"{nb} bf16 linears on the AVX512-BF16 kernel (blocked layout){rest}"
+            return f"{nb} bf16 linears on the engine's {ISA_NAMES[str(kernels_isa())]} kernel (blocked layout){rest}"
         why = blocked_kernels_error() or "no bf16 linear fits it"
     n = pack_linears(model)
-    reason = f" (not the AVX512-BF16 kernel: {why})" if why else ""
-    return f"{n} bf16 linears on oneDNN's packed layout{reason}" if n else ""
+    reason = f" (not the engine's bf16 kernel: {why})" if why else ""
+    if n:
+        return f"{n} bf16 linears on oneDNN's packed layout{reason}"
+    plain = sum(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
+                for m in model.modules())  # fmt: skip
+    if plain and _packing_error:
+        why = f"; not the engine's bf16 kernel: {why}" if why else ""
+        return f"{plain} bf16 linears on torch's plain kernel ({_packing_error}{why})"
+    return ""

@@ -21,8 +21,9 @@ saves memory but no time), the norms and the MoE router (tiny, and routing is se
 Kernels (QuantLinear.prepare, once after load and after fusing), on CPU:
   int8  the engine's kernel (model/csrc/cpu_linear.cpp, "int8blk": int8 weights in blocks of 16 rows,
         x quantized to 14 bits per chunk of inputs inside, two AVX512-VNNI dot products per 64 weight
-        bytes; 2-4x the earlier fp32-FMA kernel), else PyTorch's aten._weight_int8pack_mm ("int8cpu",
-        bf16; per channel only: group-wise int8 dequantizes there).
+        bytes; 2-4x the earlier fp32-FMA kernel), else (CPUs without AVX512-VNNI, --cpu_linear onednn)
+        PyTorch's aten._weight_int8pack_mm ("int8cpu", bf16; per channel only: group-wise int8
+        dequantizes there).
   int4  the engine's kernel ("int4blk", int4_block_weight's layout): x quantized to int8 per group
         inside the kernel and multiplied into the int4 weights with AVX512-VNNI integer dot
         products, as llama.cpp does (its Q4 x Q8 dot products); 1.25-1.4x PyTorch's
@@ -37,6 +38,7 @@ PyTorch's tinygemm kernel (sm80+).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -49,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ConfigError
-from model.cpu_kernels import blocked_kernels, int4_linear, int8_linear
+from model.cpu_kernels import int4_linear, int8_linear, int_kernels
 
 MODES = ("none", "int8", "int4")
 DEFAULT_GROUP_SIZE = 32
@@ -62,7 +64,16 @@ DEFAULT_GROUP_SIZE = 32
 KERNEL_MAX_ROWS = 128
 OWN_KERNEL_MAX_ROWS = {"int8blk": 1024, "int4blk": 4096}
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels (CPU and CUDA) take
-_TORCH_INT4_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64
+_TORCH_INT4_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64 (or 32)
+
+
+@functools.cache
+def _torch_int4_half() -> int:
+    """Bytes per input in a block of PyTorch's CPU int4 layout, half the block's output rows: 32 on
+    AVX-512 CPUs, 16 on AVX2 ones (the layout follows the kernel's vector width; read off the op)."""
+    q = torch.zeros(64, 64, dtype=torch.int32)
+    q[0, 1] = 1  # row 0, input 1: one block's h bytes of input 0 come first
+    return int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).reshape(-1).nonzero()[0])
 QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows of about this many elements
 
 
@@ -288,7 +299,7 @@ def gguf_direct(source: Any, name: str, spec: QuantSpec) -> dict[str, torch.Tens
 
 def _own_kernels() -> Any:
     """The engine's compiled kernels, for a module prepare() put on them (so they were built)."""
-    kernels = blocked_kernels()
+    kernels = int_kernels()
     assert kernels is not None
     return kernels
 
@@ -372,7 +383,7 @@ class QuantLinear(nn.Module):
         g = self.spec.group
         fits = self.spec.mode == "int8" and own_kernels and k % 32 == 0 and g % 32 == 0
         fits4 = self.spec.mode == "int4" and own_kernels and int4_blockable(n, k, self.spec.group)
-        kernels = blocked_kernels(log=True) if fits or fits4 else None
+        kernels = int_kernels() if fits or fits4 else None  # None on CPUs without AVX512-VNNI
         if kernels is not None and fits4:
             self.qweight, self.scales = int4_block_weight(self.canonical(), self.spec.group)
             self.mins = torch.empty(0)
@@ -456,10 +467,10 @@ class QuantLinear(nn.Module):
             return dequantize(int4_unblock_weight(self.qweight[lo:hi], blocks), "int4", dtype)
         if self.kernel != "int4cpu":
             return dequantize({s: t[lo:hi] for s, t in self.canonical().items()}, self.spec.mode, dtype)
-        # Undo the CPU kernel's layout (blocks of 64 output rows, [K, 32] bytes each; row j of a block
-        # in the low nibble, row 32 + j in the high one), then apply (q - 8) * scale + zero.
-        n, k = hi - lo, self.in_features
-        b = self.qweight[lo:hi].reshape(n // _TORCH_INT4_ROWS, k, 32)
+        # Undo the CPU kernel's layout (blocks of 2h output rows, [K, h] bytes each; row j of a block
+        # in the low nibble, row h + j in the high one), then apply (q - 8) * scale + zero.
+        n, k, h = hi - lo, self.in_features, _torch_int4_half()
+        b = self.qweight[lo:hi].reshape(n // (2 * h), k, h)
         q = torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
         assert self._sz is not None
         sz = self._sz[:, lo:hi].float()  # [K/g, n, 2]; float32: zero ~ 8 scales, bf16 would cancel badly

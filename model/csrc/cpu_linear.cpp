@@ -9,6 +9,12 @@
 // number of rows and the tiling, so a row's result does not depend on what it is batched with.
 // Built at run time by torch.utils.cpp_extension (model/cpu_kernels.py); threads from
 // at::parallel_for (torch's intra-op pool, so torch.set_num_threads applies).
+//
+// Two builds of this one file, chosen by the CPU: with AVX-512 (-mavx512bf16 -mavx512vnni ...) every
+// kernel below; with AVX2 and FMA only (AMD Zen 2/3, Intel client CPUs before AVX-512) the bf16 kernel
+// on the same blocked layout (bf16 -> fp32 by a shift and a mask, then FMAs) and the read probe; the
+// int8 and int4 kernels need VNNI and are left out (model/quant.py then takes PyTorch's). The module's
+// ISA attribute says which build it is.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -22,10 +28,19 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#define MP_AVX512 1
+#elif !(defined(__AVX2__) && defined(__FMA__))
+#error "cpu_linear.cpp needs AVX-512 (bf16, vnni) or AVX2 with FMA"
+#endif
+
 namespace {
 constexpr int64_t RB = 8;   // output rows per block
 constexpr int64_t KS = 32;  // input elements per row per k-step (one 64-byte line)
+constexpr int64_t STREAMS = 3;  // AVX-512: blocks read side by side at one row (3 x 8 accumulators)
+constexpr int64_t CHUNK = 16;   // groups of blocks a thread takes at a time at one row
 
+#ifdef MP_AVX512
 inline float reduce(__m512 acc) { return _mm512_reduce_add_ps(acc); }
 
 // One row of x against S consecutive blocks, read side by side: S sequential streams in flight
@@ -46,9 +61,7 @@ inline void row_blocks(const uint16_t* x, const uint16_t* w, int64_t K, c10::BFl
   for (int s = 0; s < S; ++s)
     for (int r = 0; r < RB; ++r) y[s * RB + r] = c10::BFloat16(reduce(acc[s][r]));
 }
-constexpr int64_t STREAMS = 3;  // blocks read side by side at one row (3 x 8 accumulators)
 static_assert(STREAMS == 3, "blocked_linear's one-row dispatch handles groups of 1 to 3 blocks");
-constexpr int64_t CHUNK = 16;   // groups of STREAMS blocks a thread takes at a time
 
 // MR rows of x against one block (MR * RB accumulators + MR + 1 live vectors fit the 32 registers
 // for MR <= 3): every weight vector loaded serves MR rows.
@@ -68,6 +81,48 @@ inline void rows_block(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_
   for (int m = 0; m < MR; ++m)
     for (int r = 0; r < RB; ++r) y[m * ldy + r] = c10::BFloat16(reduce(acc[m][r]));
 }
+
+#else  // AVX2 + FMA
+inline float reduce(__m256 acc) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// x [K] bf16 -> fp32 with each 16 inputs split into their 8 even then 8 odd ones: a 32-byte load of 16
+// bf16 weights gives the even ones as fp32 by a shift left (w << 16) and the odd ones by a mask (w &
+// 0xFFFF0000), with no shuffle, and each meets its own 8 inputs.
+void split_x(const uint16_t* x, int64_t K, float* xf) {
+  for (int64_t k = 0; k < K; k += 16)
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t e = static_cast<uint32_t>(x[k + 2 * j]) << 16, o = static_cast<uint32_t>(x[k + 2 * j + 1]) << 16;
+      std::memcpy(xf + k + j, &e, 4);
+      std::memcpy(xf + k + 8 + j, &o, 4);
+    }
+}
+
+// One row of x (split_x's layout) against one block: 8 accumulators, one per output row, each the
+// same sum in the same order whatever the batch.
+inline void row_block(const float* xf, const uint16_t* w, int64_t K, c10::BFloat16* y) {
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += KS) {
+    const __m256 x0 = _mm256_loadu_ps(xf + k), x1 = _mm256_loadu_ps(xf + k + 8);
+    const __m256 x2 = _mm256_loadu_ps(xf + k + 16), x3 = _mm256_loadu_ps(xf + k + 24);
+    for (int r = 0; r < RB; ++r) {
+      const uint16_t* wr = w + k * RB + r * KS;
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16));
+      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), x0, acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, hi)), x1, acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), x2, acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(b, hi)), x3, acc[r]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) y[r] = c10::BFloat16(reduce(acc[r]));
+}
+#endif
 
 void check_weight(const torch::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.is_contiguous(), "a contiguous CPU [out, in] weight");
@@ -107,6 +162,19 @@ torch::Tensor blocked_linear(torch::Tensor x, torch::Tensor wb) {
   auto* yp = reinterpret_cast<c10::BFloat16*>(y.data_ptr());
   if (M == 0) return y.reshape(out_shape);
   const int64_t nb = N / RB;
+#ifndef MP_AVX512
+  // Threads take CHUNK blocks at a time from a shared counter (as the AVX-512 path at one row); each
+  // block meets every row of x while it is in cache.
+  std::vector<float> xf(M * K);
+  for (int64_t m = 0; m < M; ++m) split_x(xp + m * K, K, xf.data() + m * K);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t b0; (b0 = next.fetch_add(CHUNK, std::memory_order_relaxed)) < nb;)
+      for (int64_t b = b0; b < std::min(nb, b0 + CHUNK); ++b)
+        for (int64_t m = 0; m < M; ++m) row_block(xf.data() + m * K, wp + b * RB * K, K, yp + m * N + b * RB);
+  });
+  return y.reshape(out_shape);
+#else
   if (M == 1) {
     // Threads take CHUNK groups of STREAMS blocks at a time from a shared counter, so a thread that
     // the host slows down does less of the matrix instead of holding the others up at the end.
@@ -136,7 +204,10 @@ torch::Tensor blocked_linear(torch::Tensor x, torch::Tensor wb) {
     }
   });
   return y.reshape(out_shape);
+#endif
 }
+
+#ifdef MP_AVX512
 
 namespace {
 // x quantized per chunk of C inputs (C a multiple of 16): sx = amax / levels, q = round(x * (levels /
@@ -420,6 +491,8 @@ void int8_block_(torch::Tensor w) {
   });
 }
 
+#endif  // MP_AVX512: the int8 and int4 kernels
+
 // A read-bandwidth probe: the sum of a float32 buffer with four independent AVX-512 accumulators per
 // thread (torch's own sum reads at ~60 % of this on the machines measured; see bench --bandwidth).
 // Each thread reads its share as `streams` equal parts side by side (several streams in flight read
@@ -431,18 +504,31 @@ double read_probe(torch::Tensor buf, int64_t streams) {
   const int64_t n = buf.numel() / 64;  // 4 vectors a step
   std::vector<double> part(at::get_num_threads() + 1, 0.0);
   at::parallel_for(0, n, 1024, [&](int64_t a, int64_t b) {
+#ifdef MP_AVX512
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-    const int64_t h = (b - a) / streams;
     auto add = [&](const float* q) {
       s0 = _mm512_add_ps(s0, _mm512_loadu_ps(q));
       s1 = _mm512_add_ps(s1, _mm512_loadu_ps(q + 16));
       s2 = _mm512_add_ps(s2, _mm512_loadu_ps(q + 32));
       s3 = _mm512_add_ps(s3, _mm512_loadu_ps(q + 48));
     };
+#else  // AVX2: eight 8-lane accumulators, the same 64 floats a step
+    __m256 s[8];
+    for (auto& v : s) v = _mm256_setzero_ps();
+    auto add = [&](const float* q) {
+      for (int j = 0; j < 8; ++j) s[j] = _mm256_add_ps(s[j], _mm256_loadu_ps(q + 8 * j));
+    };
+#endif
+    const int64_t h = (b - a) / streams;
     for (int64_t i = 0; i < h; ++i)
-      for (int64_t s = 0; s < streams; ++s) add(p + (a + s * h + i) * 64);
+      for (int64_t t = 0; t < streams; ++t) add(p + (a + t * h + i) * 64);
     for (int64_t i = a + streams * h; i < b; ++i) add(p + i * 64);
+#ifdef MP_AVX512
     part[at::get_thread_num()] += reduce(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#else
+    for (int j = 1; j < 8; ++j) s[0] = _mm256_add_ps(s[0], s[j]);
+    part[at::get_thread_num()] += reduce(s[0]);
+#endif
   });
   double total = 0;
   for (double v : part) total += v;
@@ -454,8 +540,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_weight", &block_weight, "[out, in] bf16 weight -> the kernel's blocked layout");
   m.def("unblock_weight", &unblock_weight, "the inverse of block_weight");
   m.def("blocked_linear", &blocked_linear, "x [..., in] bf16 @ blocked weight^T -> [..., out] bf16");
+#ifdef MP_AVX512
+  m.attr("ISA") = "avx512";
   m.def("int8_linear", &int8_linear,
         "x [..., in] @ (int8 weight (int8_block_'s layout) * scales, per channel or per group of G)^T -> [..., n] float32");
   m.def("int8_block_", &int8_block_, "[Np, K] int8 -> the int8 kernel's layout, in place");
   m.def("int4_linear", &int4_linear, "x [..., in] (int8 per group) @ (int4 weight, group-wise)^T -> [..., out] float32");
+#else
+  m.attr("ISA") = "avx2";
+#endif
 }
