@@ -52,6 +52,7 @@ def make_peft(params: dict[str, Any], out: Path, seed: int = 0, **cfg: Any) -> A
     from peft import LoraConfig, get_peft_model
 
     cfg = {"r": R, "lora_alpha": ALPHA, **cfg}
+    torch.manual_seed(seed)  # PEFT draws A from the global generator: the same adapter whatever ran before
     model = get_peft_model(build_hf_model(params, random_state(params)), LoraConfig(**cfg))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
