@@ -20,7 +20,7 @@ import time
 import torch
 from torch import nn
 
-from model.cpu_kernels import block_linears, blocked_kernels
+from model.cpu_kernels import block_linears, blocked_kernels, int_kernels
 from model.quant import QuantLinear, QuantSpec, quantize
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}  # [out, in]
@@ -64,6 +64,9 @@ def main() -> None:
     if blocked_kernels(log=True) is None:
         raise SystemExit("the engine's kernels cannot be built here")
     kinds = a.kernels.split(",")
+    if int_kernels() is None and any(k.endswith("blk") for k in kinds):
+        kinds = [k for k in kinds if not k.endswith("blk")]
+        print("int8blk / int4blk left out: the engine's int kernels need AVX512-VNNI")
     sets = {k: build(k, a.layers, a.group) for k in kinds}
     rows = [int(r) for r in a.rows.split(",")]
     times: dict[tuple[str, int], list[float]] = {(k, m): [] for k in kinds for m in rows}

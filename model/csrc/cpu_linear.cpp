@@ -101,27 +101,35 @@ void split_x(const uint16_t* x, int64_t K, float* xf) {
     }
 }
 
-// One row of x (split_x's layout) against one block: 8 accumulators, one per output row, each the
-// same sum in the same order whatever the batch.
-inline void row_block(const float* xf, const uint16_t* w, int64_t K, c10::BFloat16* y) {
+// One row of x (split_x's layout) against S consecutive blocks read side by side (S streams in
+// flight): one accumulator per output row, each the same sum in the same order whatever S and the
+// batch. (S * 8 accumulators exceed AVX2's 16 registers at S = 2: the compiler keeps some in L1,
+// which the memory-bound loop absorbs at 2 and no longer at 3 or 4.)
+template <int S>
+inline void row_blocks(const float* xf, const uint16_t* w, int64_t K, c10::BFloat16* y) {
   const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
-  __m256 acc[RB];
-  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
+  __m256 acc[S][RB];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < RB; ++r) acc[s][r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < K; k += KS) {
     const __m256 x0 = _mm256_loadu_ps(xf + k), x1 = _mm256_loadu_ps(xf + k + 8);
     const __m256 x2 = _mm256_loadu_ps(xf + k + 16), x3 = _mm256_loadu_ps(xf + k + 24);
-    for (int r = 0; r < RB; ++r) {
-      const uint16_t* wr = w + k * RB + r * KS;
-      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16));
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), x0, acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, hi)), x1, acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), x2, acc[r]);
-      acc[r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(b, hi)), x3, acc[r]);
-    }
+    for (int r = 0; r < RB; ++r)
+      for (int s = 0; s < S; ++s) {
+        const uint16_t* wr = w + s * RB * K + k * RB + r * KS;
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + 16));
+        __m256 t = acc[s][r];
+        t = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), x0, t);
+        t = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, hi)), x1, t);
+        t = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), x2, t);
+        acc[s][r] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(b, hi)), x3, t);
+      }
   }
-  for (int r = 0; r < RB; ++r) y[r] = c10::BFloat16(reduce(acc[r]));
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < RB; ++r) y[s * RB + r] = c10::BFloat16(reduce(acc[s][r]));
 }
+constexpr int64_t STREAMS_AVX2 = 2;  // 1.10x one stream (29.3 vs 26.6 GB/s, in one process); 3 and 4 spill too much
 #endif
 
 void check_weight(const torch::Tensor& w) {
@@ -163,15 +171,30 @@ torch::Tensor blocked_linear(torch::Tensor x, torch::Tensor wb) {
   if (M == 0) return y.reshape(out_shape);
   const int64_t nb = N / RB;
 #ifndef MP_AVX512
-  // Threads take CHUNK blocks at a time from a shared counter (as the AVX-512 path at one row); each
-  // block meets every row of x while it is in cache.
+  // Threads take CHUNK units at a time from a shared counter (as the AVX-512 path at one row): at one
+  // row a unit is STREAMS_AVX2 blocks read side by side; at several, one block, which meets every row
+  // of x while it is in cache.
   std::vector<float> xf(M * K);
   for (int64_t m = 0; m < M; ++m) split_x(xp + m * K, K, xf.data() + m * K);
   std::atomic<int64_t> next{0};
+  if (M == 1) {
+    const int64_t S = STREAMS_AVX2, groups = (nb + S - 1) / S;
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (int64_t g0; (g0 = next.fetch_add(CHUNK, std::memory_order_relaxed)) < groups;)
+        for (int64_t g = g0; g < std::min(groups, g0 + CHUNK); ++g) {
+          const int64_t b = g * S, left = std::min(S, nb - b);
+          const uint16_t* w = wp + b * RB * K;
+          static_assert(STREAMS_AVX2 == 2, "the one-row dispatch handles groups of 1 or 2 blocks");
+          if (left == 2) row_blocks<2>(xf.data(), w, K, yp + b * RB);
+          else row_blocks<1>(xf.data(), w, K, yp + b * RB);
+        }
+    });
+    return y.reshape(out_shape);
+  }
   at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
     for (int64_t b0; (b0 = next.fetch_add(CHUNK, std::memory_order_relaxed)) < nb;)
       for (int64_t b = b0; b < std::min(nb, b0 + CHUNK); ++b)
-        for (int64_t m = 0; m < M; ++m) row_block(xf.data() + m * K, wp + b * RB * K, K, yp + m * N + b * RB);
+        for (int64_t m = 0; m < M; ++m) row_blocks<1>(xf.data() + m * K, wp + b * RB * K, K, yp + m * N + b * RB);
   });
   return y.reshape(out_shape);
 #else
