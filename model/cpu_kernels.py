@@ -18,34 +18,36 @@ a model is for inference only (do not save its state_dict; `unpack_linears` rest
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_packing_error: str | None = None
+
+@functools.cache
+def packing_error() -> str:
+    """Why oneDNN's bf16 packed layout is unavailable here ("" where it works; tried once on a small
+    weight): oneDNN's bf16 path needs AVX512 (bw, vl, dq) or AVX-NE-CONVERT, and raises on other CPUs
+    (AVX2-only ones such as AMD Zen 3), where the bf16 linears stay on torch's plain kernel."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return "this torch build has no oneDNN packed linears"
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 32, dtype=torch.bfloat16), 1)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"oneDNN cannot pack bf16 weights on this CPU ({first[:160]})"
+    return ""
 
 
-def _packing_available() -> bool:
-    """Whether oneDNN's bf16 packed layout works on this CPU (tried once on a small weight): oneDNN's
-    bf16 path needs AVX512 (bw, vl, dq) or AVX-NE-CONVERT, and raises on other CPUs (AVX2-only
-    ones such as AMD Zen 3), where the bf16 linears stay on torch's plain kernel."""
-    global _packing_error
-    if _packing_error is None:
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
-            _packing_error = "this torch build has no oneDNN packed linears"
-        else:
-            try:
-                torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 32, dtype=torch.bfloat16), 1)
-                _packing_error = ""
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                _packing_error = f"oneDNN cannot pack bf16 weights on this CPU ({first[:160]})"
-    return not _packing_error
+def _bf16_cpu_linear(mod: nn.Module) -> TypeGuard[nn.Linear]:
+    """A plain nn.Linear with a bf16 weight on the CPU: what packing and the plain-kernel count take."""
+    return type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu"
 
 
 @torch.library.custom_op("mistral_pipeline::packed_linear", mutates_args=())
@@ -68,19 +70,13 @@ class PackedLinear(nn.Linear):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def packing_error() -> str:
-    """Why oneDNN's bf16 packed layout is unavailable here ("" where it is available)."""
-    _packing_available()
-    return _packing_error or ""
-
-
 def pack_linears(model: nn.Module) -> int:
     """Re-lay every bf16 CPU nn.Linear of model in place; returns how many were packed."""
-    if not _packing_available():
+    if packing_error():
         return 0
     packed = 0
     for mod in model.modules():
-        if type(mod) is nn.Linear and mod.weight.dtype == torch.bfloat16 and mod.weight.device.type == "cpu":
+        if _bf16_cpu_linear(mod):
             w = torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), 1)
             # Check once that this build computes the same numbers through the packed weight.
             probe = torch.randn(2, mod.in_features, dtype=torch.bfloat16)
@@ -298,7 +294,7 @@ def prepare_cpu_linears(model: nn.Module, kind: str = "auto", step_rows: int | N
     few = step_rows is not None and step_rows <= BLOCKED_MAX_ROWS
     # Where oneDNN cannot pack bf16 (AVX2-only CPUs) the blocked kernel wins at every row count: torch's
     # plain bf16 GEMM there is 1.6x slower at 1 row and 4-5x from 2 rows (docs/benchmarks.md).
-    if kind == "blocked" or (kind == "auto" and (few or not _packing_available())):
+    if kind == "blocked" or (kind == "auto" and (few or packing_error())):
         nb = block_linears(model)
         if nb:
             n = pack_linears(model)
@@ -309,9 +305,8 @@ def prepare_cpu_linears(model: nn.Module, kind: str = "auto", step_rows: int | N
     reason = f" (not the engine's bf16 kernel: {why})" if why else ""
     if n:
         return f"{n} bf16 linears on oneDNN's packed layout{reason}"
-    plain = sum(type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
-                for m in model.modules())  # fmt: skip
-    if plain and _packing_error:
+    plain = sum(_bf16_cpu_linear(m) for m in model.modules())
+    if plain and packing_error():
         why = f"; not the engine's bf16 kernel: {why}" if why else ""
-        return f"{plain} bf16 linears on torch's plain kernel ({_packing_error}{why})"
+        return f"{plain} bf16 linears on torch's plain kernel ({packing_error()}{why})"
     return ""

@@ -65,6 +65,7 @@ KERNEL_MAX_ROWS = 128
 OWN_KERNEL_MAX_ROWS = {"int8blk": 1024, "int4blk": 4096}
 INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes PyTorch's int4 kernels (CPU and CUDA) take
 _TORCH_INT4_ROWS = 64  # the CPU int4 kernel's weight layout packs output rows in blocks of 64 (or 32)
+QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows of about this many elements
 
 
 @functools.cache
@@ -74,7 +75,6 @@ def _torch_int4_half() -> int:
     q = torch.zeros(64, 64, dtype=torch.int32)
     q[0, 1] = 1  # row 0, input 1: one block's h bytes of input 0 come first
     return int(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).reshape(-1).nonzero()[0])
-QUANT_BLOCK_ELEMS = 1 << 22  # weights quantized / re-laid out per block of rows of about this many elements
 
 
 @dataclass(frozen=True)
