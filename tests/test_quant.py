@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from common import CONFIGS, prompts, write_model
+from forked_cli import run_cli
 from launchers import REPO, base_env, torchrun
 
 from distributed.pipeline import GenerationParams, Pipeline
@@ -158,8 +159,9 @@ def test_two_stages_give_one_process_tokens(tmp_path: Path, mode: str) -> None:
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "launch", *map(str, args)], cwd=REPO, env=base_env(),
-                          capture_output=True, text=True, timeout=120)
+    """`python -m launch *args`, forked from a server that has imported the engine (tests/forked_cli.py):
+    test_bad_inputs_are_one_line runs 16 commands, most of them a few ms of work after ~2.5 s of imports."""
+    return run_cli(*args, cwd=REPO, env=base_env())
 
 
 def _one_line_error(r: subprocess.CompletedProcess[str], *words: str) -> str:
