@@ -12,6 +12,8 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
+from model.args import first_line
+
 HEADER_LEN = 8  # int64 fields: kind and what the receiver needs to know the shapes
 # A unit's positions ride in the header message when they fit (every decode step does), which
 # saves one message per hop: on CPU each gloo message costs a wake-up of the receiving thread.
@@ -36,11 +38,6 @@ class PeerLost(RuntimeError):
     """A neighbour stage died, hung past the timeout, or closed its connection."""
 
 
-def _first(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
-
-
 class Links:
     def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -53,7 +50,7 @@ class Links:
             work.wait()
         except Exception as e:  # gloo/NCCL raise RuntimeError subclasses with long messages
             raise PeerLost(
-                f"rank {self.rank} lost contact with rank {peer} (stage {peer}) while {what}: {_first(e)}"
+                f"rank {self.rank} lost contact with rank {peer} (stage {peer}) while {what}: {first_line(e)}"
             ) from e
 
     def _isend(self, t: torch.Tensor, dst: int, what: str) -> None:
@@ -62,7 +59,7 @@ class Links:
             work = dist.isend(t, dst)
         except Exception as e:  # gloo raises at once when the connection is already gone
             raise PeerLost(
-                f"rank {self.rank} lost contact with rank {dst} (stage {dst}) while {what}: {_first(e)}"
+                f"rank {self.rank} lost contact with rank {dst} (stage {dst}) while {what}: {first_line(e)}"
             ) from e
         assert work is not None
         self._pending.append((work, t, dst, what))
@@ -83,7 +80,7 @@ class Links:
             work = dist.irecv(t, src)
         except Exception as e:
             raise PeerLost(
-                f"rank {self.rank} lost contact with rank {src} (stage {src}) while {what}: {_first(e)}"
+                f"rank {self.rank} lost contact with rank {src} (stage {src}) while {what}: {first_line(e)}"
             ) from e
         assert work is not None
         self._wait(work, src, what)

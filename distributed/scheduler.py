@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from distributed.pipeline import DEFAULT_CHUNK_NO_WINDOW, Admission, GenerationParams, Pipeline, Unit, split_rows
+from model.args import first_line
 from model.cache import cache_capacity
 from model.sampling import SamplingParams
 
@@ -524,7 +525,7 @@ class Engine:
                     self.on_step(sched)
         except Exception as e:  # a lost stage (PeerLost): nobody can be served any more
             with self._lock:
-                self.error = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self.error = first_line(e)
             sched.fail(f"error: {self.error}")
             while not self.inbox.empty():
                 item = self.inbox.get_nowait()

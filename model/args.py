@@ -10,6 +10,12 @@ class ConfigError(ValueError):
     """A params.json (or flag) problem the user can fix; the message says what to change."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's text, else its type's name: for one-line error messages."""
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
 @dataclass(frozen=True)
 class MoeArgs:
     num_experts: int

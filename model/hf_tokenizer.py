@@ -12,7 +12,7 @@ from typing import Any
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as TkTokenizer
 
-from model.args import ConfigError
+from model.args import ConfigError, first_line
 from model.chat import SPECIAL_TOKEN_NAMES, render_chat
 from model.tokenizer import Message, Tokenizer
 
@@ -134,8 +134,7 @@ class HFTokenizer(Tokenizer):
         try:
             tk = TkTokenizer.from_file(str(tk_path))
         except Exception as e:  # tokenizers raises plain Exception for any bad file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{tk_path} is not a valid tokenizer.json ({first})") from None
+            raise ConfigError(f"{tk_path} is not a valid tokenizer.json ({first_line(e)})") from None
         config = _read_object(d / "tokenizer_config.json")
         named = _named_tokens(config, _read_object(d / "special_tokens_map.json"))
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []

@@ -13,7 +13,7 @@ from typing import Any
 
 import sentencepiece as spm
 
-from model.args import ConfigError
+from model.args import ConfigError, first_line
 
 # Looked for in this order; after these, any other ``tokenizer.model.v*`` (highest version first).
 TOKENIZER_FILE_NAMES: tuple[str, ...] = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")
@@ -142,8 +142,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"{self.path} is not a valid SentencePiece model ({first_line})") from None
+            raise ConfigError(f"{self.path} is not a valid SentencePiece model ({first_line(e)})") from None
         if self._sp.vocab_size() < 1:
             raise ConfigError(f"{self.path} is not a valid SentencePiece model (empty vocabulary)")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from model.args import ConfigError
+from model.args import ConfigError, first_line
 
 ST_TO_TORCH = {
     "F32": torch.float32,
@@ -107,8 +107,3 @@ class TensorFile:
                 raise ConfigError(f"{self.path}: tensor {name} is cut short; the file is truncated")
         t = buf.view(src_dtype).reshape(shape)
         return t if dtype is None or dtype == src_dtype else t.to(dtype)
-
-
-def first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from model.args import ConfigError, ModelArgs, MoeArgs
-from model.formats.files import first_line
+from model.args import ConfigError, ModelArgs, MoeArgs, first_line
 
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType, GGUFReader, ReaderField, ReaderTensor
