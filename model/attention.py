@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from model.args import ConfigError
+from model.args import ConfigError, first_line
 from model.cache import mask_rule
+from model.cpu_kernels import decode_attention, loaded_kernels
 
 if TYPE_CHECKING:
     from model.cache import StepContext
@@ -80,12 +81,33 @@ def _sdpa(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, mask: torch
         # One query per row (decode): PyTorch's CPU kernel for bf16 takes a slow path at one query,
         # 4-7x slower than the same attention upcast to fp32 (7B shape, 32 heads, 8 kv heads: 550 vs
         # 84 us at 64 keys, 6.4 vs 0.85 ms at 1024, 30 vs 7.5 ms at 4096; from 2 queries bf16 is
-        # faster again). The fp32 sums are also the more exact (docs/benchmarks.md).
+        # faster again). The fp32 sums are also the more exact (docs/benchmarks.md). Where the
+        # engine's kernels are loaded (bf16 linears on them), its one-query kernel reads the bf16
+        # cache in place instead of converting all of K and V to fp32 on every layer.
+        if q.dtype == torch.bfloat16 and _decode_kernel_fits(q, k_all, v_all):
+            args = (q.squeeze(1), k_all, v_all, mask.reshape(q.shape[0], -1))
+            # Eager calls the module directly: the custom op's Python dispatch costs ~20 us a call.
+            kernels = loaded_kernels()
+            if kernels is not None and not torch.compiler.is_compiling():
+                out = kernels.decode_attention(*args)
+            else:
+                out = decode_attention(*args)
+            return out.unsqueeze(1)
         out = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(), attn_mask=mask, enable_gqa=True)
         out = out.to(q.dtype)
     else:
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)  # [B, H, T, D]
     return out.transpose(1, 2)
+
+
+def _decode_kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Can decode_attention take this step: the engine's kernels loaded in this process, the head dim
+    a multiple of 16 and each key's heads contiguous (a slice of the cache)."""
+    return (
+        loaded_kernels() is not None
+        and q.shape[-1] % 16 == 0
+        and all(t.stride(3) == 1 and t.stride(2) == t.shape[3] for t in (k, v))
+    )
 
 
 # -- xformers -------------------------------------------------------------------------------------
@@ -271,7 +293,7 @@ class XformersAttention:
             # this Triton) falls back to sdpa; with --attention xformers only that one is reworded.
             if not self._fallback and not isinstance(e, NotImplementedError):
                 raise
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            why = first_line(e)
             if not self._fallback:
                 raise ConfigError(
                     f"--attention xformers: xformers has no kernel for {q.dtype} on {q.device} ({why}); "

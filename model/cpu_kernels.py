@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.args import first_line
+
 
 @functools.cache
 def packing_error() -> str:
@@ -40,8 +42,7 @@ def packing_error() -> str:
     try:
         torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 32, dtype=torch.bfloat16), 1)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"oneDNN cannot pack bf16 weights on this CPU ({first[:160]})"
+        return f"oneDNN cannot pack bf16 weights on this CPU ({first_line(e)[:160]})"
     return ""
 
 
@@ -114,7 +115,8 @@ _SOURCE = Path(__file__).parent / "csrc" / "cpu_linear.cpp"
 # One source, two builds (each cached under its own name): every kernel with AVX-512, the bf16 one only
 # with AVX2 (model/csrc/cpu_linear.cpp says why).
 _FLAGS = {
-    "avx512": ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mf16c", "-fopenmp"],
+    "avx512": ["-O3", "-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni",
+               "-mf16c", "-fopenmp"],
     "avx2": ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
 }
 ISA_NAMES = {"avx512": "AVX512-BF16", "avx2": "AVX2"}
@@ -196,6 +198,25 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @blocked_linear.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def loaded_kernels() -> ModuleType | None:
+    """The kernel module if this process has already built or loaded it, else None (never builds:
+    for callers such as attention that use a kernel only where the linears brought it in)."""
+    return _kernels
+
+
+@torch.library.custom_op("mistral_pipeline::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row, bf16: q [B, H, D] over k, v [B, K, Hkv, D] where mask [B, K] -> [B, H, D]
+    (fp32 inside; model/csrc/cpu_linear.cpp). An opaque op for torch.compile."""
+    assert _kernels is not None
+    return _kernels.decode_attention(q, k, v, mask)  # type: ignore[no-any-return]
+
+
+@decode_attention.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("mistral_pipeline::int8_linear", mutates_args=())
@@ -301,6 +322,8 @@ def prepare_cpu_linears(model: nn.Module, kind: str = "auto", step_rows: int | N
             rest = f"; {n} others on oneDNN's packed layout" if n else ""
             return f"{nb} bf16 linears on the engine's {ISA_NAMES[str(kernels_isa())]} kernel (blocked layout){rest}"
         why = blocked_kernels_error() or "no bf16 linear fits it"
+    elif any(_bf16_cpu_linear(m) for m in model.modules()):
+        blocked_kernels(log=True)  # not for the linears: its one-query attention serves bf16 decode steps
     n = pack_linears(model)
     reason = f" (not the engine's bf16 kernel: {why})" if why else ""
     if n:

@@ -18,10 +18,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # one fused kernel; the same arithmetic as below
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in fp32 and cast back before the weight, as the reference does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        # Normalise in fp32 and cast back before the weight, as the reference does (x * rsqrt(mean(x^2)
+        # + eps) in fp32: rms_norm's fused kernel, 4 ops a call instead of 8).
+        return F.rms_norm(x.float(), self.weight.shape, None, self.eps).type_as(x) * self.weight
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, real: bool = False) -> torch.Tensor:
@@ -58,15 +57,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, layer: int, ctx: StepContext, backend: AttentionBackend) -> torch.Tensor:
         b, t, _ = x.shape
-        if self.wqkv is not None:  # one GEMM; q, k, v are views of its output [B, T, (H + 2 Hkv) * D]
-            kv = self.n_kv_heads * self.head_dim
-            q2, k2, v2 = self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        h, hkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.wqkv is not None:  # one GEMM: [B, T, (H + 2 Hkv) * D]
+            qkv = self.wqkv(x)
+            # q and k are adjacent: one rotary call over their H + Hkv heads (ctx.rope: computed once
+            # per step), half the ops of two; q and k are then views of its output, v of the GEMM's.
+            q, k = rotary(qkv[..., : (h + hkv) * d].view(b, t, h + hkv, d), ctx.rope).split([h, hkv], dim=2)
+            v = qkv[..., (h + hkv) * d :].view(b, t, hkv, d)
         else:
-            q2, k2, v2 = self.wq(x), self.wk(x), self.wv(x)
-        q = q2.view(b, t, self.n_heads, self.head_dim)  # [B, T, H, D]
-        k = k2.view(b, t, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        v = v2.view(b, t, self.n_kv_heads, self.head_dim)
-        q, k = rotary(q, ctx.rope), rotary(k, ctx.rope)  # ctx.rope: computed once per step
+            q = rotary(self.wq(x).view(b, t, h, d), ctx.rope)  # [B, T, H, D]
+            k = rotary(self.wk(x).view(b, t, hkv, d), ctx.rope)  # [B, T, Hkv, D]
+            v = self.wv(x).view(b, t, hkv, d)
         out = backend(q, k, v, layer, ctx)  # [B, T, H, D]
         return self.wo(out.reshape(b, t, self.n_heads * self.head_dim))
 

@@ -86,6 +86,33 @@ def test_kernel_rejects_what_it_cannot_take(kernels) -> None:  # noqa: ANN001
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(("h", "hkv", "d", "keys"), [(4, 4, 16, 1), (8, 2, 16, 13), (12, 4, 32, 37), (32, 8, 128, 300),
+                                                     (16, 2, 64, 64)])  # fmt: skip
+def test_decode_attention_matches_float64(kernels, h: int, hkv: int, d: int, keys: int) -> None:  # noqa: ANN001
+    """The one-query bf16 attention kernel (decode) against float64 softmax attention, on what the engine
+    passes it: slices of a larger cache (strided over rows and keys), holes in the mask, grouped query
+    heads, and a row that may attend no key (zeros)."""
+    g = torch.Generator().manual_seed(h * keys + d)
+    b = 3
+    ck, cv = (torch.randn(b + 1, keys + 5, hkv, d, generator=g).to(torch.bfloat16) for _ in range(2))
+    k, v = ck[1:, :keys], cv[1:, :keys]
+    q = torch.randn(b, h, d, generator=g).to(torch.bfloat16)
+    mask = torch.rand(b, keys, generator=g) > 0.3
+    mask[:2, 0] = True
+    mask[2] = False
+    out = kernels.decode_attention(q, k, v, mask)
+    assert out.dtype == torch.bfloat16 and out.shape == (b, h, d)
+    rep = h // hkv  # query head j uses kv head j // rep
+    kd, vd = (t.double().repeat_interleave(rep, dim=2) for t in (k, v))  # [b, keys, h, d]
+    s = torch.einsum("bhd,bkhd->bhk", q.double(), kd) / d**0.5
+    p = torch.softmax(s.masked_fill(~mask[:, None, :], float("-inf")), dim=-1)
+    ref = torch.einsum("bhk,bkhd->bhd", p[:2], vd[:2])
+    # half a bf16 ulp (the final rounding) plus fp32 arithmetic
+    assert ((out[:2].double() - ref).abs() <= ref.abs() * 2.0**-8 + 1e-5).all()
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
+@pytest.mark.timeout(60)
 def test_int8_kernel_rejects_what_it_cannot_take(int_kernels) -> None:  # noqa: ANN001
     kernels = int_kernels
     with pytest.raises(RuntimeError, match="int8 weight"):
