@@ -570,15 +570,19 @@ inline void qk_heads(const float* qf, const uint16_t* kb, int64_t ks, const bool
   }
 }
 
-// o[j] = sum_t p[j, t] v[t] for R heads, 16 dims at a time in registers (2 x R accumulators), each value
-// vector converted once for the R heads; the sum over t in key order.
+// o[j] += sum_t p[j, t] v[t] for R heads, keys t0 <= t < t1, 16 dims at a time in registers (2 x R
+// accumulators), each value vector converted once for the R heads; the sum over t in key order. The
+// caller passes tiles of keys whose values stay in L2 over the D / 16 passes.
 template <int R>
-inline void pv_heads(const float* p, int64_t ls, const uint16_t* vb, int64_t vs, const bool* m, int64_t K, int64_t D,
-                     float* o) {
+inline void pv_heads(const float* p, int64_t ls, const uint16_t* vb, int64_t vs, const bool* m, int64_t t0, int64_t t1,
+                     int64_t D, float* o) {
   for (int64_t d = 0; d < D; d += 16) {
     __m256 a0[R], a1[R];
-    for (int j = 0; j < R; ++j) a0[j] = a1[j] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < K; ++t) {
+    for (int j = 0; j < R; ++j) {
+      a0[j] = _mm256_loadu_ps(o + j * D + d);
+      a1[j] = _mm256_loadu_ps(o + j * D + d + 8);
+    }
+    for (int64_t t = t0; t < t1; ++t) {
       if (!m[t]) continue;
       const uint16_t* vr = vb + t * vs + d;
       const __m256 x0 = bf16x8(vr), x1 = bf16x8(vr + 8);
@@ -654,16 +658,20 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
         }
         sum[j] = hsum8(tot);
       }
-      for (int64_t j0 = 0; j0 < rep; j0 += 4) {
-        const float* p0 = s.data() + j0 * Kp;
-        float* o0 = o.data() + j0 * D;
-        switch (std::min<int64_t>(4, rep - j0)) {
-          case 4: pv_heads<4>(p0, Kp, vg, vk, m, K, D, o0); break;
-          case 3: pv_heads<3>(p0, Kp, vg, vk, m, K, D, o0); break;
-          case 2: pv_heads<2>(p0, Kp, vg, vk, m, K, D, o0); break;
-          default: pv_heads<1>(p0, Kp, vg, vk, m, K, D, o0);
+      std::fill(o.begin(), o.end(), 0.f);
+      constexpr int64_t TILE = 256;  // keys whose values (256 x D bf16: 64 KB at D = 128) stay in L2
+      for (int64_t t0 = 0; t0 < K; t0 += TILE)
+        for (int64_t j0 = 0; j0 < rep; j0 += 4) {
+          const float* p0 = s.data() + j0 * Kp;
+          float* o0 = o.data() + j0 * D;
+          const int64_t t1 = std::min(K, t0 + TILE);
+          switch (std::min<int64_t>(4, rep - j0)) {
+            case 4: pv_heads<4>(p0, Kp, vg, vk, m, t0, t1, D, o0); break;
+            case 3: pv_heads<3>(p0, Kp, vg, vk, m, t0, t1, D, o0); break;
+            case 2: pv_heads<2>(p0, Kp, vg, vk, m, t0, t1, D, o0); break;
+            default: pv_heads<1>(p0, Kp, vg, vk, m, t0, t1, D, o0);
+          }
         }
-      }
       for (int64_t j = 0; j < rep; ++j) {
         const float inv = sum[j] > 0.f ? 1.f / sum[j] : 0.f;
         c10::BFloat16* dst = op + (b * H + g * rep + j) * D;
