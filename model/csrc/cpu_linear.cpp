@@ -598,6 +598,17 @@ inline void pv_heads(const float* p, int64_t ls, const uint16_t* vb, int64_t vs,
     }
   }
 }
+
+// f(std::integral_constant<int, R>) for R = min(4, left): the kernels above for a group of query heads.
+template <typename F>
+inline void by_heads(int64_t left, F&& f) {
+  switch (std::min<int64_t>(4, left)) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{});
+  }
+}
 }  // namespace
 
 // q [B, H, D] bf16, k and v [B, K, Hkv, D] bf16 (any strides over B and K; each key's Hkv x D contiguous,
@@ -637,12 +648,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
       for (int64_t j0 = 0; j0 < rep; j0 += 4) {
         const float* q0 = qf.data() + j0 * D;
         float* s0 = s.data() + j0 * Kp;
-        switch (std::min<int64_t>(4, rep - j0)) {
-          case 4: qk_heads<4>(q0, kg, kk, m, K, D, scale, s0, Kp); break;
-          case 3: qk_heads<3>(q0, kg, kk, m, K, D, scale, s0, Kp); break;
-          case 2: qk_heads<2>(q0, kg, kk, m, K, D, scale, s0, Kp); break;
-          default: qk_heads<1>(q0, kg, kk, m, K, D, scale, s0, Kp);
-        }
+        by_heads(rep - j0, [&](auto R) { qk_heads<decltype(R)::value>(q0, kg, kk, m, K, D, scale, s0, Kp); });
       }
       // softmax numerators, masked ones exactly 0
       for (int64_t j = 0; j < rep; ++j) {
@@ -665,12 +671,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           const float* p0 = s.data() + j0 * Kp;
           float* o0 = o.data() + j0 * D;
           const int64_t t1 = std::min(K, t0 + TILE);
-          switch (std::min<int64_t>(4, rep - j0)) {
-            case 4: pv_heads<4>(p0, Kp, vg, vk, m, t0, t1, D, o0); break;
-            case 3: pv_heads<3>(p0, Kp, vg, vk, m, t0, t1, D, o0); break;
-            case 2: pv_heads<2>(p0, Kp, vg, vk, m, t0, t1, D, o0); break;
-            default: pv_heads<1>(p0, Kp, vg, vk, m, t0, t1, D, o0);
-          }
+          by_heads(rep - j0, [&](auto R) { pv_heads<decltype(R)::value>(p0, Kp, vg, vk, m, t0, t1, D, o0); });
         }
       for (int64_t j = 0; j < rep; ++j) {
         const float inv = sum[j] > 0.f ? 1.f / sum[j] : 0.f;
