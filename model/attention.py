@@ -84,14 +84,11 @@ def _sdpa(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, mask: torch
         # faster again). The fp32 sums are also the more exact (docs/benchmarks.md). Where the
         # engine's kernels are loaded (bf16 linears on them), its one-query kernel reads the bf16
         # cache in place instead of converting all of K and V to fp32 on every layer.
-        if q.dtype == torch.bfloat16 and _decode_kernel_fits(q, k_all, v_all):
+        kernels = loaded_kernels()
+        if q.dtype == torch.bfloat16 and kernels is not None and _decode_kernel_fits(q, k_all, v_all):
             args = (q.squeeze(1), k_all, v_all, mask.reshape(q.shape[0], -1))
             # Eager calls the module directly: the custom op's Python dispatch costs ~20 us a call.
-            kernels = loaded_kernels()
-            if kernels is not None and not torch.compiler.is_compiling():
-                out = kernels.decode_attention(*args)
-            else:
-                out = decode_attention(*args)
+            out = decode_attention(*args) if torch.compiler.is_compiling() else kernels.decode_attention(*args)
             return out.unsqueeze(1)
         out = F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(), attn_mask=mask, enable_gqa=True)
         out = out.to(q.dtype)
@@ -101,13 +98,9 @@ def _sdpa(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, mask: torch
 
 
 def _decode_kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Can decode_attention take this step: the engine's kernels loaded in this process, the head dim
-    a multiple of 16 and each key's heads contiguous (a slice of the cache)."""
-    return (
-        loaded_kernels() is not None
-        and q.shape[-1] % 16 == 0
-        and all(t.stride(3) == 1 and t.stride(2) == t.shape[3] for t in (k, v))
-    )
+    """Can decode_attention take these shapes: the head dim a multiple of 16 and each key's heads
+    contiguous (a slice of the cache)."""
+    return q.shape[-1] % 16 == 0 and all(t.stride(3) == 1 and t.stride(2) == t.shape[3] for t in (k, v))
 
 
 # -- xformers -------------------------------------------------------------------------------------
