@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# This checkout's engine, not whichever one `pip install -e` pointed at: comparisons run this script
+# from two checkouts in turn.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.cpu_kernels import blocked_kernels, blocked_kernels_error, packing_error
 

@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+# This checkout's engine, not whichever one `pip install -e` pointed at: comparisons run this script
+# from two checkouts in turn.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.cpu_kernels import block_linears, blocked_kernels, int_kernels
 from model.quant import QuantLinear, QuantSpec, quantize
