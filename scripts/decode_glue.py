@@ -2,7 +2,9 @@
 
 attention: the engine's one-query attention kernel (decode_attention) against what bf16 decode ran
   before it (SDPA on K and V upcast to fp32), Mistral-7B heads (32 query heads, 8 kv heads, dim 128),
-  one row, several cache lengths; interleaved rounds in one process, medians and ranges.
+  one row, several cache lengths; interleaved rounds in one process, medians and ranges. Each call
+  runs over --layers separate caches in turn (32 by default, as a 7B step does, so each finds its
+  cache cold as in a real step; --layers 1 times one warm cache) and reports the time per layer.
 
     python scripts/decode_glue.py attention --keys 3,128,1024,4096
 
@@ -18,11 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# This checkout's engine, not whichever one `pip install -e` pointed at: comparisons run this script
+# from two checkouts in turn.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def timed(fn: Callable[[], object], n: int) -> float:
@@ -32,21 +40,39 @@ def timed(fn: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def _pair(k: object, keys: int, g: torch.Generator) -> tuple[Callable[[], torch.Tensor], Callable[[], torch.Tensor]]:
-    """Before and after for one row of Mistral-7B heads over `keys` cached keys."""
+Pair = tuple[Callable[[], object], Callable[[], object], Callable[[], tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _pair(k: object, keys: int, layers: int, g: torch.Generator) -> Pair:
+    """Before and after for one row of Mistral-7B heads over `keys` cached keys, each call over all
+    `layers` caches in turn (as a decode step does: the caches are cold once the model is larger than
+    the CPU's caches); and the first layer's outputs, to check the kernel against the reference."""
     bf = torch.bfloat16
     q = torch.randn(1, 1, 32, 128, generator=g).to(bf)
-    kc, vc = (torch.randn(1, keys + 1, 8, 128, generator=g).to(bf)[:, :keys] for _ in range(2))  # cache slices
+    caches = [
+        tuple(torch.randn(1, keys + 1, 8, 128, generator=g).to(bf)[:, :keys] for _ in range(2)) for _ in range(layers)
+    ]
     mask = torch.ones(1, 1, 1, keys, dtype=torch.bool)
-    qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
+    qt = q.transpose(1, 2)
+    flat = mask.view(1, keys)
 
-    def upcast() -> torch.Tensor:
+    def up(kc: torch.Tensor, vc: torch.Tensor) -> torch.Tensor:
+        kt, vt = kc.transpose(1, 2), vc.transpose(1, 2)
         return F.scaled_dot_product_attention(qt.float(), kt.float(), vt.float(), attn_mask=mask, enable_gqa=True)
 
-    def kernel() -> torch.Tensor:
-        return k.decode_attention(q.squeeze(1), kc, vc, mask.view(1, keys))  # type: ignore[attr-defined, no-any-return]
+    def upcast() -> None:
+        for kc, vc in caches:
+            up(kc, vc)
 
-    return upcast, kernel
+    def kernel() -> None:
+        for kc, vc in caches:
+            k.decode_attention(q.squeeze(1), kc, vc, flat)  # type: ignore[attr-defined]
+
+    def first() -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = caches[0]
+        return up(kc, vc).transpose(1, 2).squeeze(1), k.decode_attention(q.squeeze(1), kc, vc, flat)  # type: ignore[attr-defined]
+
+    return upcast, kernel, first
 
 
 def attention(a: argparse.Namespace) -> None:
@@ -58,14 +84,14 @@ def attention(a: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     rows = []
     for keys in [int(x) for x in a.keys.split(",")]:
-        upcast, kernel = _pair(k, keys, g)
-        ref = upcast().transpose(1, 2).squeeze(1)
-        assert (kernel().float() - ref).abs().max().item() <= 2.0**-7 * ref.abs().max().item() + 1e-4
-        n = max(20, 20000 // keys)
+        upcast, kernel, first = _pair(k, keys, a.layers, g)
+        ref, got = first()
+        assert (got.float() - ref).abs().max().item() <= 2.0**-7 * ref.abs().max().item() + 1e-4
+        n = max(3, 20000 // (keys * a.layers))
         res: dict[str, list[float]] = {"sdpa, K and V upcast to fp32 (before)": [], "decode_attention": []}
         for _ in range(a.rounds):
-            res["sdpa, K and V upcast to fp32 (before)"].append(timed(upcast, n))
-            res["decode_attention"].append(timed(kernel, n))
+            res["sdpa, K and V upcast to fp32 (before)"].append(timed(upcast, n) / a.layers)
+            res["decode_attention"].append(timed(kernel, n) / a.layers)
         rows.append((keys, res))
     print("| keys | " + " | ".join(rows[0][1]) + " | speed-up (median) |")
     print("|---|---|---|---|")
@@ -108,6 +134,13 @@ def main() -> None:
     at = sub.add_parser("attention")
     at.add_argument("--keys", default="3,128,1024,4096")
     at.add_argument("--rounds", type=int, default=5)
+    at.add_argument(
+        "--layers",
+        type=int,
+        default=32,
+        help="caches cycled per call, as a step of that many layers reads them "
+        "(32: the 7B's; 1: one cache, warm in the CPU's caches)",
+    )
     st = sub.add_parser("step")
     st.add_argument("--model", required=True)
     st.add_argument("--contexts", default="64,1024")

@@ -87,7 +87,7 @@ def test_kernel_rejects_what_it_cannot_take(kernels) -> None:  # noqa: ANN001
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("h", "hkv", "d", "keys"), [(4, 4, 16, 1), (8, 2, 16, 13), (12, 4, 32, 37), (32, 8, 128, 300),
-                                                     (16, 2, 64, 64)])  # fmt: skip
+                                                     (16, 2, 64, 64), (10, 2, 32, 5), (12, 2, 96, 20)])  # fmt: skip
 def test_decode_attention_matches_float64(kernels, h: int, hkv: int, d: int, keys: int) -> None:  # noqa: ANN001
     """The one-query bf16 attention kernel (decode) against float64 softmax attention, on what the engine
     passes it: slices of a larger cache (strided over rows and keys), holes in the mask, grouped query
