@@ -552,27 +552,22 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// Scores of R query heads (qf: R x D fp32, pre-converted) against every key t the mask allows: each key
-// vector converted once for the R heads, one accumulator per head.
+// Scores of R query heads (qf: R x D fp32, pre-converted) against one key kr (D bf16): the key vector
+// converted once for the R heads, one accumulator per head; s[j * ls] for head j.
 template <int R>
-inline void qk_heads(const float* qf, const uint16_t* kb, int64_t ks, const bool* m, int64_t K, int64_t D, float scale,
-                     float* s, int64_t ls) {
-  for (int64_t t = 0; t < K; ++t) {
-    if (!m[t]) continue;
-    const uint16_t* kr = kb + t * ks;
-    __m256 acc[R];
-    for (int j = 0; j < R; ++j) acc[j] = _mm256_setzero_ps();
-    for (int64_t d = 0; d < D; d += 8) {
-      const __m256 x = bf16x8(kr + d);
-      for (int j = 0; j < R; ++j) acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(qf + j * D + d), acc[j]);
-    }
-    for (int j = 0; j < R; ++j) s[j * ls + t] = hsum8(acc[j]) * scale;
+inline void qk_heads(const float* qf, const uint16_t* kr, int64_t D, float scale, float* s, int64_t ls) {
+  __m256 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 x = bf16x8(kr + d);
+    for (int j = 0; j < R; ++j) acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(qf + j * D + d), acc[j]);
   }
+  for (int j = 0; j < R; ++j) s[j * ls] = hsum8(acc[j]) * scale;
 }
 
-// o[j] += sum_t p[j, t] v[t] for R heads, keys t0 <= t < t1, 16 dims at a time in registers (2 x R
+// o[j] += sum_t p[j, t - t0] v[t] for R heads, keys t0 <= t < t1, 16 dims at a time in registers (2 x R
 // accumulators), each value vector converted once for the R heads; the sum over t in key order. The
-// caller passes tiles of keys whose values stay in L2 over the D / 16 passes.
+// caller passes chunks of keys whose values are in L2 over the D / 16 passes.
 template <int R>
 inline void pv_heads(const float* p, int64_t ls, const uint16_t* vb, int64_t vs, const bool* m, int64_t t0, int64_t t1,
                      int64_t D, float* o) {
@@ -587,7 +582,7 @@ inline void pv_heads(const float* p, int64_t ls, const uint16_t* vb, int64_t vs,
       const uint16_t* vr = vb + t * vs + d;
       const __m256 x0 = bf16x8(vr), x1 = bf16x8(vr + 8);
       for (int j = 0; j < R; ++j) {
-        const __m256 pj = _mm256_set1_ps(p[j * ls + t]);
+        const __m256 pj = _mm256_set1_ps(p[j * ls + t - t0]);
         a0[j] = _mm256_fmadd_ps(pj, x0, a0[j]);
         a1[j] = _mm256_fmadd_ps(pj, x1, a1[j]);
       }
@@ -610,20 +605,15 @@ inline __m512 bf16x16(const uint16_t* p) {
 }
 
 template <int R>
-inline void qk_heads512(const uint16_t* qb, const uint16_t* kb, int64_t ks, const bool* m, int64_t K, int64_t D,
-                        float scale, float* s, int64_t ls) {
-  for (int64_t t = 0; t < K; ++t) {
-    if (!m[t]) continue;
-    const uint16_t* kr = kb + t * ks;
-    __m512 acc[R];
-    for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; d += 32) {
-      const __m512i x = _mm512_loadu_si512(kr + d);
-      for (int j = 0; j < R; ++j)
-        acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(qb + j * D + d), (__m512bh)x);
-    }
-    for (int j = 0; j < R; ++j) s[j * ls + t] = _mm512_reduce_add_ps(acc[j]) * scale;
+inline void qk_heads512(const uint16_t* qb, const uint16_t* kr, int64_t D, float scale, float* s, int64_t ls) {
+  __m512 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 32) {
+    const __m512i x = _mm512_loadu_si512(kr + d);
+    for (int j = 0; j < R; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(qb + j * D + d), (__m512bh)x);
   }
+  for (int j = 0; j < R; ++j) s[j * ls] = _mm512_reduce_add_ps(acc[j]) * scale;
 }
 
 template <int R>
@@ -640,7 +630,7 @@ inline void pv_heads512(const float* p, int64_t ls, const uint16_t* vb, int64_t 
       const uint16_t* vr = vb + t * vs + d;
       const __m512 x0 = bf16x16(vr), x1 = bf16x16(vr + 16);
       for (int j = 0; j < R; ++j) {
-        const __m512 pj = _mm512_set1_ps(p[j * ls + t]);
+        const __m512 pj = _mm512_set1_ps(p[j * ls + t - t0]);
         a0[j] = _mm512_fmadd_ps(pj, x0, a0[j]);
         a1[j] = _mm512_fmadd_ps(pj, x1, a1[j]);
       }
@@ -668,6 +658,13 @@ inline void by_heads(int64_t left, F&& f) {
 // q [B, H, D] bf16, k and v [B, K, Hkv, D] bf16 (any strides over B and K; each key's Hkv x D contiguous,
 // as a slice of the cache), mask [B, K] bool (true: may attend) -> [B, H, D] bf16. A row with no key it
 // may attend gets zeros.
+//
+// Split over the keys (flash-decoding): the keys come in chunks of KCHUNK, each chunk of each row one task.
+// A task reads its chunk's cache rows in order, all heads of a key together (one kv head of one key is
+// only 256 bytes at a 2 KB stride in the 7B's cache: walking one head at a time over a cold cache ran at
+// half the speed); it keeps the chunk's scores, its softmax max and sum, and its unnormalised output, and
+// the chunks of a row are merged in order at the end. The chunks do not depend on the number of threads
+// or on the batch, so neither do the results.
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor mask) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0), "q [B, H, D], k and v [B, K, Hkv, D]");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
@@ -679,7 +676,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const auto qc = q.contiguous();
   const auto mc = mask.contiguous();
   auto out = torch::empty({B, H, D}, q.options());
-  const int64_t rep = H / Hkv, Kp = (K + 7) / 8 * 8;
+  constexpr int64_t KCHUNK = 64;  // keys a task (128 KB of K and of V at the 7B's 2 KB a key: in L2)
+  const int64_t rep = H / Hkv, NC = std::max<int64_t>(1, (K + KCHUNK - 1) / KCHUNK);
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
 #ifdef MP_AVX512
   const bool wide = D % 32 == 0;  // the 512-bit passes; else the AVX2 ones (also in this build)
@@ -692,67 +690,120 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const bool* mp = mc.data_ptr<bool>();
   auto* op = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
   const int64_t kb = k.stride(0), kk = k.stride(1), vb = v.stride(0), vk = v.stride(1);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<float> qf(rep * D), s(rep * Kp), o(rep * D), sum(rep);
-    for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / Hkv, g = u % Hkv;
-      const bool* m = mp + b * K;
-      if (!wide)
-        for (int64_t j = 0; j < rep; ++j)
-          for (int64_t d = 0; d < D; d += 8)
-            _mm256_storeu_ps(qf.data() + j * D + d, bf16x8(qp + (b * H + g * rep + j) * D + d));
-      // scores; masked keys (and the padding up to Kp) -inf. Query heads in groups of up to 4.
-      std::fill(s.begin(), s.end(), -INFINITY);
-      const uint16_t* kg = kp + b * kb + g * D;
-      const uint16_t* vg = vp + b * vb + g * D;
-      for (int64_t j0 = 0; j0 < rep; j0 += 4) {
-        float* s0 = s.data() + j0 * Kp;
-#ifdef MP_AVX512
-        if (wide) {
-          const uint16_t* q0 = qp + (b * H + g * rep + j0) * D;
-          by_heads(rep - j0, [&](auto R) { qk_heads512<decltype(R)::value>(q0, kg, kk, m, K, D, scale, s0, Kp); });
-          continue;
+  // rows a pass: enough tasks for the threads, partial outputs of at most ~1 MB (B * NC * H * D floats
+  // at once would be 64 MB for 64 rows of 4096 keys)
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(B, 4 * threads / NC + 1));
+  std::vector<float> po(NC > 1 ? rows * NC * H * D : 0), pm(rows * NC * H), pl(rows * NC * H);
+  for (int64_t r0 = 0; r0 < B; r0 += rows) {
+    const int64_t nr = std::min(rows, B - r0);
+    // too few tasks for the threads (short contexts, few rows): each chunk's kv heads in GS slices too.
+    // The heads do not interact, so this changes no result.
+    const int64_t GS = std::min(Hkv, std::max<int64_t>(1, (2 * threads + nr * NC - 1) / (nr * NC)));
+    at::parallel_for(0, nr * NC * GS, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<float> qf(wide ? 0 : H * D), s(H * KCHUNK), o1(NC > 1 ? 0 : H * D);
+      int64_t qrow = -1;
+      for (int64_t w = u0; w < u1; ++w) {
+        const int64_t u = w / GS, gs = w % GS, g0 = gs * Hkv / GS, g1 = (gs + 1) * Hkv / GS;
+        const int64_t b = r0 + u / NC, c = u % NC, t0 = c * KCHUNK, t1 = std::min(K, t0 + KCHUNK);
+        const bool* m = mp + b * K;
+        const uint16_t* qr = qp + b * H * D;
+        if (!wide && qrow != b) {
+          for (int64_t d = 0; d < H * D; d += 8) _mm256_storeu_ps(qf.data() + d, bf16x8(qr + d));
+          qrow = b;
         }
+        // scores, key by key (masked keys and the rest of a short chunk -inf); each live key's value row
+        // is fetched into the cache on the way, for the pass over values below
+        std::fill(s.begin(), s.end(), -INFINITY);
+        for (int64_t t = t0; t < t1; ++t) {
+          if (!m[t]) continue;
+          const uint16_t* kr = kp + b * kb + t * kk;
+          const char* vr = reinterpret_cast<const char*>(vp + b * vb + t * vk);
+          for (int64_t e = g0 * D * 2; e < g1 * D * 2; e += 64) _mm_prefetch(vr + e, _MM_HINT_T0);
+          for (int64_t g = g0; g < g1; ++g)
+            for (int64_t j0 = 0; j0 < rep; j0 += 4) {
+              const int64_t h = g * rep + j0;
+              float* sh = s.data() + h * KCHUNK + (t - t0);
+#ifdef MP_AVX512
+              if (wide) {
+                by_heads(rep - j0, [&](auto R) { qk_heads512<decltype(R)::value>(qr + h * D, kr + g * D, D, scale, sh, KCHUNK); });
+                continue;
+              }
 #endif
-        const float* q0 = qf.data() + j0 * D;
-        by_heads(rep - j0, [&](auto R) { qk_heads<decltype(R)::value>(q0, kg, kk, m, K, D, scale, s0, Kp); });
-      }
-      // softmax numerators, masked ones exactly 0
-      for (int64_t j = 0; j < rep; ++j) {
-        float* sj = s.data() + j * Kp;
-        const float mx = *std::max_element(sj, sj + Kp);
-        __m256 tot = _mm256_setzero_ps();
-        for (int64_t t = 0; t < Kp; t += 8) {
-          const __m256 x = _mm256_loadu_ps(sj + t);
-          const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-          const __m256 e = _mm256_and_ps(live, exp8(_mm256_sub_ps(x, _mm256_set1_ps(mx))));
-          _mm256_storeu_ps(sj + t, e);
-          tot = _mm256_add_ps(tot, e);
+              by_heads(rep - j0, [&](auto R) { qk_heads<decltype(R)::value>(qf.data() + h * D, kr + g * D, D, scale, sh, KCHUNK); });
+            }
         }
-        sum[j] = hsum8(tot);
-      }
-      std::fill(o.begin(), o.end(), 0.f);
-      constexpr int64_t TILE = 256;  // keys whose values (256 x D bf16: 64 KB at D = 128) stay in L2
-      for (int64_t t0 = 0; t0 < K; t0 += TILE)
-        for (int64_t j0 = 0; j0 < rep; j0 += 4) {
-          const float* p0 = s.data() + j0 * Kp;
-          float* o0 = o.data() + j0 * D;
-          const int64_t t1 = std::min(K, t0 + TILE);
-#ifdef MP_AVX512
-          if (wide) {
-            by_heads(rep - j0, [&](auto R) { pv_heads512<decltype(R)::value>(p0, Kp, vg, vk, m, t0, t1, D, o0); });
+        // softmax numerators over the chunk, masked ones exactly 0; the chunk's max and sum
+        float* pmu = pm.data() + u * H;
+        float* plu = pl.data() + u * H;
+        for (int64_t h = g0 * rep; h < g1 * rep; ++h) {
+          float* sh = s.data() + h * KCHUNK;
+          const float mx = *std::max_element(sh, sh + KCHUNK);
+          pmu[h] = mx;
+          if (mx == -INFINITY) {
+            plu[h] = 0.f;
             continue;
           }
-#endif
-          by_heads(rep - j0, [&](auto R) { pv_heads<decltype(R)::value>(p0, Kp, vg, vk, m, t0, t1, D, o0); });
+          __m256 tot = _mm256_setzero_ps();
+          for (int64_t t = 0; t < KCHUNK; t += 8) {
+            const __m256 x = _mm256_loadu_ps(sh + t);
+            const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            const __m256 e = _mm256_and_ps(live, exp8(_mm256_sub_ps(x, _mm256_set1_ps(mx))));
+            _mm256_storeu_ps(sh + t, e);
+            tot = _mm256_add_ps(tot, e);
+          }
+          plu[h] = hsum8(tot);
         }
-      for (int64_t j = 0; j < rep; ++j) {
-        const float inv = sum[j] > 0.f ? 1.f / sum[j] : 0.f;
-        c10::BFloat16* dst = op + (b * H + g * rep + j) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(o[j * D + d] * inv);
+        // the chunk's unnormalised output, kv head by kv head (its values are in the cache by now)
+        float* o = NC > 1 ? po.data() + u * H * D : o1.data();
+        std::fill(o + g0 * rep * D, o + g1 * rep * D, 0.f);
+        for (int64_t g = g0; g < g1; ++g) {
+          const uint16_t* vg = vp + b * vb + g * D;
+          for (int64_t j0 = 0; j0 < rep; j0 += 4) {
+            const int64_t h = g * rep + j0;
+            const float* p0 = s.data() + h * KCHUNK;
+#ifdef MP_AVX512
+            if (wide) {
+              by_heads(rep - j0, [&](auto R) { pv_heads512<decltype(R)::value>(p0, KCHUNK, vg, vk, m, t0, t1, D, o + h * D); });
+              continue;
+            }
+#endif
+            by_heads(rep - j0, [&](auto R) { pv_heads<decltype(R)::value>(p0, KCHUNK, vg, vk, m, t0, t1, D, o + h * D); });
+          }
+        }
+        if (NC == 1)  // the row's only chunk: its output, as the merge below would make it with weight 1
+          for (int64_t h = g0 * rep; h < g1 * rep; ++h) {
+            const float inv = plu[h] > 0.f ? 1.f / plu[h] : 0.f;
+            c10::BFloat16* dst = op + (b * H + h) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(o[h * D + d] * inv);
+          }
       }
-    }
-  });
+    });
+    if (NC == 1) continue;
+    // merge each row's chunks in order: weights exp(max_c - max); small merges on this thread
+    at::parallel_for(0, nr * H, std::max<int64_t>(1, 16384 / (NC * D)), [&](int64_t w0, int64_t w1) {
+      std::vector<float> acc(D);
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t i = w / H, h = w % H;
+        float mx = -INFINITY;
+        for (int64_t c = 0; c < NC; ++c) mx = std::max(mx, pm[(i * NC + c) * H + h]);
+        std::fill(acc.begin(), acc.end(), 0.f);
+        float tot = 0.f;
+        if (mx != -INFINITY)
+          for (int64_t c = 0; c < NC; ++c) {
+            const int64_t ix = (i * NC + c) * H + h;
+            if (pl[ix] == 0.f) continue;
+            const float wgt = std::exp(pm[ix] - mx);
+            tot += wgt * pl[ix];
+            const float* oc = po.data() + ix * D;
+            for (int64_t d = 0; d < D; ++d) acc[d] += wgt * oc[d];
+          }
+        const float inv = tot > 0.f ? 1.f / tot : 0.f;
+        c10::BFloat16* dst = op + ((r0 + i) * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(acc[d] * inv);
+      }
+    });
+  }
   return out;
 }
 
