@@ -68,7 +68,8 @@ def llama_job(a: argparse.Namespace, variant: str) -> dict[str, Any]:
     """llama.cpp's decode ms/token for `<gguf_prefix>-<type>.gguf` through scripts/llamacpp_peer.py."""
     gguf = f"{a.gguf_prefix}-{variant.removeprefix('llama-')}.gguf"
     cmd = [sys.executable, str(REPO / "scripts" / "llamacpp_peer.py"), "bench", gguf, "--threads", str(a.threads),
-           "--prompt", str(a.prompt_len), "--gen", str(a.new_tokens), "--repeat", str(a.repeat)]  # fmt: skip
+           "--prompt", str(a.prompt_len), "--gen", str(a.new_tokens), "--repeat", str(a.repeat),
+           "--depth", str(a.llama_depth)]  # fmt: skip
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=a.timeout)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
@@ -120,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--prompt_len", type=int, default=64)
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3, help="measured runs per job (the job reports their median)")
+    ap.add_argument("--llama_depth", type=int, default=0,
+                    help="llama.cpp jobs: tokens in the cache before its tests (llama-bench -d). Its decode test "
+                    "starts from an empty cache otherwise, while the engine decodes after --prompt_len tokens: "
+                    "pass the same number to compare decode at a long context")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--variants", default="separate,fused,compiled")
     ap.add_argument("--hf", action="store_true", help="transformers peer in the `separate` job")

@@ -14,8 +14,10 @@ gguf:     a llama-architecture GGUF of the shape of a params.json-style config, 
           at a time, so a 7B file (14.5 GB in bf16) needs well under 1 GB of memory. llama.cpp's `llama`
           architecture has no sliding window: past sliding_window tokens it attends to everything.
 quantize: llama-quantize IN OUT TYPE (Q8_0, Q4_0, ...; llama.cpp's own choices, e.g. a Q6_K output head for Q4_0).
-bench:    llama-bench -o json, prefill (--prompt tokens) and decode (--gen tokens) timed separately; prints one
-          JSON line with medians over the repetitions and each repetition's decode ms/token in samples_ms.
+bench:    llama-bench -o json, prefill (--prompt tokens) and decode (--gen tokens) timed separately, each after
+          --depth tokens already in the cache (0: an empty cache; llama-bench's decode test does not follow its
+          prefill test); prints one JSON line with medians over the repetitions and each repetition's decode
+          ms/token in samples_ms.
 
 Exit status 3 means "skipped": llama.cpp could not be built (no cmake, no download) or is not built yet.
 Binaries are looked up in --bin-dir, else $LLAMACPP_BIN, else /work/peers/llama.cpp-build/bin.
@@ -295,6 +297,8 @@ def median(xs: list[float]) -> float | None:
 def cmd_bench(args: argparse.Namespace) -> int:
     exe = binary("llama-bench", args.bin_dir)
     cmd = [str(exe), "-m", args.model, "-t", str(args.threads), "-p", str(args.prompt), "-n", str(args.gen)]
+    if args.depth:
+        cmd += ["-d", str(args.depth)]
     cmd += ["-r", str(args.repeat), "-o", "json"]
     proc = run(cmd, args.timeout)
     rows = json.loads(proc.stdout)
@@ -320,6 +324,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "n_prompt": args.prompt,
         "n_gen": args.gen,
+        "n_depth": args.depth,
         "repeat": args.repeat,
         "build_commit": rows[0].get("build_commit") if rows else None,
     }
@@ -365,6 +370,8 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--prompt", type=int, default=32, help="prefill tokens (0: no prefill test)")
     k.add_argument("--gen", type=int, default=64, help="decoded tokens (0: no decode test)")
     k.add_argument("--repeat", type=int, default=3, help="repetitions (llama-bench -r); medians over them")
+    k.add_argument("--depth", type=int, default=0,
+                   help="tokens already in the cache when each test starts (llama-bench -d): decode at that context")
     k.add_argument("--bin-dir", help="folder with the llama.cpp binaries")
     k.add_argument("--timeout", type=float, default=3600, help="seconds before llama-bench is killed")
     k.set_defaults(func=cmd_bench)
