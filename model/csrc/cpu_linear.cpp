@@ -691,8 +691,8 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const bool* mp = mc.data_ptr<bool>();
   auto* op = reinterpret_cast<c10::BFloat16*>(out.data_ptr());
   const int64_t kb = k.stride(0), kk = k.stride(1), vb = v.stride(0), vk = v.stride(1);
-  // rows a pass: enough tasks for the threads, partial outputs of at most ~1 MB (B * NC * H * D floats
-  // at once would be 64 MB for 64 rows of 4096 keys)
+  // rows a pass: enough tasks for the threads, and one row at a time from 4 chunks a thread on (partial
+  // outputs NC * H * D floats: 1 MB at 4096 keys of the 7B's heads; all 64 rows at once would be 64 MB)
   const int64_t threads = at::get_num_threads();
   const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(B, 4 * threads / NC + 1));
   // every entry a merge reads is written first by its task: no need to zero (8 MB at 32k keys)
