@@ -644,6 +644,13 @@ inline void pv_heads512(const float* p, int64_t ls, const uint16_t* vb, int64_t 
 }
 #endif
 
+// dst = o / sum in bf16: one head's attention output from its unnormalised sum; zeros where no key was
+// attended (sum 0).
+inline void store_normalised(const float* o, float sum, int64_t D, c10::BFloat16* dst) {
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(o[d] * inv);
+}
+
 // f(std::integral_constant<int, R>) for R = min(4, left): the kernels above for a group of query heads.
 template <typename F>
 inline void by_heads(int64_t left, F&& f) {
@@ -775,11 +782,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           }
         }
         if (NC == 1)  // the row's only chunk: its output, as the merge below would make it with weight 1
-          for (int64_t h = g0 * rep; h < g1 * rep; ++h) {
-            const float inv = plu[h] > 0.f ? 1.f / plu[h] : 0.f;
-            c10::BFloat16* dst = op + (b * H + h) * D;
-            for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(o[h * D + d] * inv);
-          }
+          for (int64_t h = g0 * rep; h < g1 * rep; ++h) store_normalised(o + h * D, plu[h], D, op + (b * H + h) * D);
       }
     });
     if (NC == 1) continue;
@@ -801,9 +804,7 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
             const float* oc = po.get() + ix * D;
             for (int64_t d = 0; d < D; ++d) acc[d] += wgt * oc[d];
           }
-        const float inv = tot > 0.f ? 1.f / tot : 0.f;
-        c10::BFloat16* dst = op + ((r0 + i) * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(acc[d] * inv);
+        store_normalised(acc.data(), tot, D, op + ((r0 + i) * H + h) * D);
       }
     });
   }
